@@ -1,0 +1,116 @@
+"""Checkpoint files: atomic write-then-rename saves and safe (``weights_only=True``) loads.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(..., weights_only=True)`` and never executes pickled code. Keys:
+
+``format``            ``"speaker-lab-checkpoint/1"``
+``epoch``             epochs finished
+``model_state``       embedding network ``state_dict``
+``loss_state``        classification head (``loss.py``) ``state_dict``
+``optimizer_state``   / ``scheduler_state``: to resume training
+``config``            the full configuration used (features, model, loss, train, ...)
+``speakers``          training speaker labels, index = class id
+``history``           list of per-epoch dicts (loss, acc, lr, seconds)
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "speaker-lab-checkpoint/1"
+EPOCH_PATTERN = re.compile(r"^checkpoint_(\d{3,})\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the current configuration."""
+
+
+def atomic_write(path: Path, write_fn) -> None:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a half-written file.
+
+    A failure (full disk, Ctrl-C, crash) leaves any previous file at ``path`` untouched and removes
+    the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _silent_unlink(tmp)
+        raise CheckpointError(f"could not write {path}: {e.strerror or e} (nothing was overwritten)") from e
+    except BaseException:
+        _silent_unlink(tmp)
+        raise
+
+
+def _silent_unlink(p) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Atomically save a checkpoint dict (see module docstring for its keys)."""
+    state = dict(state)
+    state.setdefault("format", FORMAT)
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; clear one-line errors for every failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}{available_hint(path.parent)}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint of this project ({first[:200]}); "
+            "it may be truncated or not a checkpoint at all. Retrain or pick another file"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
+    for key in ("model_state", "config", "speakers", "epoch"):
+        if key not in state:
+            raise CheckpointError(f"{path} lacks '{key}'; it is incomplete. Retrain or pick another file")
+    return state
+
+
+def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
+    return Path(folder) / f"checkpoint_{epoch:03d}.pth"
+
+
+def final_checkpoint_name(model: str, pooling: str, loss: str) -> str:
+    """The lab's name for the last checkpoint, e.g. ``xvector_gap_softmax_checkpoint.pth``."""
+    return f"{model}_{pooling}_{loss}_checkpoint.pth"
+
+
+def list_epoch_checkpoints(folder: Path) -> dict[int, Path]:
+    """``{epoch: path}`` of the ``checkpoint_NNN.pth`` files in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in folder.iterdir():
+        m = EPOCH_PATTERN.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def available_hint(folder: Path) -> str:
+    found = list_epoch_checkpoints(folder)
+    if found:
+        return f"; checkpoints in {folder}: epochs {', '.join(str(e) for e in found)}"
+    return f"; {folder} has no checkpoint_NNN.pth files (train first: python train.py)"

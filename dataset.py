@@ -1,0 +1,370 @@
+"""Data: manifests and trial lists, audio reading, MFCC features (cached), training and test datasets.
+
+Manifests are text files of ``SPEAKER RELPATH`` lines; trial lists of ``ENROLL_RELPATH TEST_RELPATH
+LABEL`` lines (1 target, 0 non-target). RELPATHs are relative to the configured root and may use
+``/`` or ``\\``. UTF-8 with or without BOM, LF or CRLF; blank lines are ignored.
+
+Features: librosa MFCCs (25 ms Hann window, 10 ms hop at 16 kHz, ``features.n_mfcc`` coefficients
+from ``features.n_mels`` mel bands), per-utterance mean normalisation, float32 arrays of shape
+``(n_mfcc, frames)``. They are computed once per utterance (in parallel) and cached in memory and on
+disk (``features.cache_dir``), so an epoch never re-reads audio.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import Dataset
+
+from config import config_path_value, normalize_relpath, resolve_path
+
+MAX_LISTED_PROBLEMS = 20
+
+
+class DataError(ValueError):
+    """Bad manifest, trial list or audio, with a message naming the file (and line) and the fix."""
+
+
+# --------------------------------------------------------------------------- manifests and trials
+@dataclass(frozen=True)
+class Utterance:
+    speaker: str
+    relpath: str          # normalised with forward slashes, the utterance's key
+    line: int             # line number in the manifest (1-based)
+
+
+@dataclass(frozen=True)
+class Trial:
+    enroll: str
+    test: str
+    label: int
+    line: int
+
+
+def _read_lines(path: Path, what: str, key: str | None) -> list[str]:
+    if not path.is_file():
+        where = f" (config key '{key}')" if key else ""
+        raise DataError(f"{what} not found: {path}{where}; fix the path in config.yaml or create the file")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def _raise_problems(path: Path, problems: list[str], fix: str) -> None:
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+        more = f" (and {len(problems) - MAX_LISTED_PROBLEMS} more)" if len(problems) > MAX_LISTED_PROBLEMS else ""
+        raise DataError(f"{path}: {len(problems)} bad line(s): {shown}{more}. {fix}")
+
+
+def read_manifest(path: Path, key: str | None = None) -> list[Utterance]:
+    """Parse a ``SPEAKER RELPATH`` manifest; all problems are reported together."""
+    path = Path(path)
+    items, problems, seen = [], [], {}
+    for n, raw in enumerate(_read_lines(path, "manifest", key), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            problems.append(f"line {n}: expected 'SPEAKER RELPATH', got {line[:60]!r}")
+            continue
+        rel = normalize_relpath(parts[1])
+        if rel in seen:
+            problems.append(f"line {n}: {rel} already listed on line {seen[rel]}")
+            continue
+        seen[rel] = n
+        items.append(Utterance(parts[0], rel, n))
+    _raise_problems(path, problems, "Each line must be 'SPEAKER RELPATH', each file listed once")
+    if not items:
+        raise DataError(f"{path}: the manifest lists no utterances")
+    return items
+
+
+def read_trials(path: Path, key: str | None = None) -> list[Trial]:
+    """Parse an ``ENROLL TEST LABEL`` trial list; all problems are reported together."""
+    path = Path(path)
+    trials, problems = [], []
+    for n, raw in enumerate(_read_lines(path, "trial list", key), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            problems.append(f"line {n}: expected 'ENROLL TEST LABEL', got {len(parts)} fields")
+            continue
+        if parts[2] not in ("0", "1"):
+            problems.append(f"line {n}: label must be 1 (target) or 0 (non-target), got {parts[2]!r}")
+            continue
+        trials.append(Trial(normalize_relpath(parts[0]), normalize_relpath(parts[1]), int(parts[2]), n))
+    _raise_problems(path, problems, "Each line must be 'ENROLL_RELPATH TEST_RELPATH 0|1'")
+    if not trials:
+        raise DataError(f"{path}: the trial list has no trials")
+    return trials
+
+
+# --------------------------------------------------------------------------- audio and features
+def load_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """Mono float32 waveform at ``sample_rate`` (stereo is averaged, other rates are resampled).
+
+    Raises DataError naming the file for missing, unreadable, empty, non-finite or silent audio.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: audio file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: audio file is empty (0 bytes)")
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError for bad files
+        raise DataError(f"{path}: not a readable WAV/FLAC file ({str(e).strip()[:120]})") from None
+    if wav.shape[0] == 0:
+        raise DataError(f"{path}: audio file has no samples")
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    if not np.all(np.isfinite(wav)):
+        raise DataError(f"{path}: audio has NaN or infinite samples")
+    if sr != sample_rate:
+        import librosa
+        wav = librosa.resample(wav, orig_sr=sr, target_sr=sample_rate).astype(np.float32)
+    if float(np.max(np.abs(wav))) == 0.0:
+        raise DataError(f"{path}: audio is silent (all samples are zero)")
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def mfcc(wav: np.ndarray, feat_cfg: dict, mean_norm: bool = True) -> np.ndarray:
+    """MFCCs ``(n_mfcc, frames)`` float32, by default with per-utterance mean normalisation."""
+    import librosa
+    sr = feat_cfg["sample_rate"]
+    win = int(round(sr * feat_cfg["win_length_ms"] / 1000))
+    hop = int(round(sr * feat_cfg["hop_length_ms"] / 1000))
+    n_fft = max(feat_cfg["n_fft"], win)
+    feats = librosa.feature.mfcc(y=wav, sr=sr, n_mfcc=feat_cfg["n_mfcc"], n_fft=n_fft, hop_length=hop,
+                                 win_length=win, n_mels=feat_cfg["n_mels"], fmin=feat_cfg["fmin"],
+                                 fmax=min(feat_cfg["fmax"], sr / 2))
+    if mean_norm:
+        feats -= feats.mean(axis=1, keepdims=True)
+    return feats.astype(np.float32)
+
+
+def _extract_one(args) -> tuple[np.ndarray | None, str | None]:
+    path, feat_cfg = args
+    try:
+        return mfcc(load_audio(path, feat_cfg["sample_rate"]), feat_cfg), None
+    except DataError as e:
+        return None, str(e)
+    except Exception as e:  # report any librosa failure as one line, never a worker traceback
+        return None, f"{path}: feature extraction failed ({type(e).__name__}: {str(e)[:120]})"
+
+
+FEATURE_KEYS = ("sample_rate", "n_mfcc", "n_mels", "win_length_ms", "hop_length_ms", "n_fft", "fmin", "fmax")
+
+
+def feature_signature(feat_cfg: dict) -> dict:
+    """The feature settings a trained model depends on (stored in checkpoints, compared at test time)."""
+    return {k: feat_cfg[k] for k in FEATURE_KEYS}
+
+
+def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
+    h = hashlib.sha1(json.dumps(feature_signature(feat_cfg), sort_keys=True).encode())
+    for p in paths:
+        try:
+            st = p.stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return cache_dir / f"mfcc_{h.hexdigest()[:20]}.npz"
+
+
+def extract_features(paths: list[Path], feat_cfg: dict, workers: int | None = None,
+                     desc: str = "MFCC") -> tuple[list[np.ndarray | None], list[str]]:
+    """Features for every path (None where the audio is bad) and the list of problems found."""
+    from tqdm import tqdm
+    jobs = [(Path(p), feat_cfg) for p in paths]
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(jobs) >= 64:
+        import multiprocessing as mp
+        ctx = mp.get_context("fork") if sys.platform != "win32" else None
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            results = list(tqdm(pool.map(_extract_one, jobs, chunksize=16), total=len(jobs),
+                                desc=desc, unit="utt", leave=False, file=sys.stderr))
+    else:
+        results = [_extract_one(j) for j in tqdm(jobs, desc=desc, unit="utt", leave=False, file=sys.stderr)]
+    feats = [r[0] for r in results]
+    problems = [r[1] for r in results if r[1] is not None]
+    return feats, problems
+
+
+def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
+                  log=print, desc: str = "MFCC") -> tuple[list[np.ndarray], list[int], list[str]]:
+    """Cached features for ``paths``.
+
+    Returns ``(features, kept_indices, problems)``. With ``policy="error"`` any bad file raises one
+    DataError listing them all; with ``"skip"`` bad files are dropped and listed in ``problems``.
+    """
+    paths = [Path(p) for p in paths]
+    cache_dir_value = feat_cfg.get("cache_dir", "")
+    cache_file = None
+    if cache_dir_value:
+        cache_file = _cache_file(paths, feat_cfg, resolve_path(cache_dir_value))
+        if cache_file.is_file():
+            try:
+                with np.load(cache_file) as z:
+                    data, offsets, kept = z["data"], z["offsets"], z["kept"]
+                    problems = [str(s) for s in z["problems"]]
+                feats = [data[:, offsets[i]:offsets[i + 1]] for i in range(len(kept))]
+                if problems and policy == "error":
+                    _raise_audio_problems(problems)
+                return feats, kept.tolist(), problems
+            except (OSError, KeyError, ValueError):
+                log(f"note: ignoring unreadable feature cache {cache_file}")
+    feats, problems = extract_features(paths, feat_cfg, desc=desc)
+    if problems and policy == "error":
+        _raise_audio_problems(problems)
+    kept = [i for i, f in enumerate(feats) if f is not None]
+    feats = [feats[i] for i in kept]
+    if cache_file is not None and feats:
+        from checkpoint import atomic_write  # the project's one write-then-rename helper
+        offsets = np.cumsum([0] + [f.shape[1] for f in feats])
+        data = np.concatenate(feats, axis=1)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, data=data, offsets=offsets, kept=np.asarray(kept, dtype=np.int64),
+                         problems=np.asarray(problems, dtype=str))
+        try:
+            atomic_write(cache_file, write)
+        except Exception as e:  # a cache that cannot be written only costs time next run
+            log(f"note: feature cache not written ({e})")
+        feats = [data[:, offsets[i]:offsets[i + 1]] for i in range(len(feats))]
+    return feats, kept, problems
+
+
+def _raise_audio_problems(problems: list[str]) -> None:
+    shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = f" (and {len(problems) - MAX_LISTED_PROBLEMS} more)" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    raise DataError(f"{len(problems)} unusable audio file(s): {shown}{more}. Fix or remove them from the "
+                    "manifest, or set data.bad_audio: skip to leave them out of training")
+
+
+# --------------------------------------------------------------------------- datasets
+def repeat_to(feat: np.ndarray, frames: int) -> np.ndarray:
+    """Repeat an utterance along time until it has at least ``frames`` frames."""
+    if feat.shape[1] >= frames:
+        return feat
+    reps = -(-frames // feat.shape[1])
+    return np.tile(feat, (1, reps))
+
+
+class SpkTrainDataset(Dataset):
+    """Training utterances as random fixed-length MFCC crops with speaker labels.
+
+    ``opts`` is the full configuration (``config.load_config``). Item ``i`` is
+    ``(features (n_mfcc, crop_frames) float32 tensor, speaker id)``; crops are drawn from a
+    generator seeded by ``(train.seed, epoch, i)`` (see ``set_epoch``), so a run is reproducible and
+    a resumed run sees the same crops as an uninterrupted one. Utterances shorter than the crop are
+    repeat-padded.
+
+    Attributes: ``speakers`` (sorted speaker names, index = class id), ``utterances``, ``labels``,
+    ``skipped`` (problems of files left out under ``data.bad_audio: skip``).
+    """
+
+    def __init__(self, opts: dict, log=print):
+        self.root = config_path_value(opts, "data.root")
+        manifest = config_path_value(opts, "data.train_manifest")
+        utts = read_manifest(manifest, key="data.train_manifest")
+        check_root(self.root, utts, "data.root", manifest)
+        feats, kept, self.skipped = load_features([self.root / u.relpath for u in utts], opts["features"],
+                                                  policy=opts["data"]["bad_audio"], log=log, desc="train MFCC")
+        if self.skipped:
+            log(f"warning: skipped {len(self.skipped)} unusable training file(s) (data.bad_audio: skip)")
+        self.utterances = [utts[i] for i in kept]
+        self.speakers = sorted({u.speaker for u in self.utterances})
+        index = {s: i for i, s in enumerate(self.speakers)}
+        self.labels = [index[u.speaker] for u in self.utterances]
+        self.crop_frames = opts["train"]["crop_frames"]
+        self.features = [repeat_to(f, self.crop_frames) for f in feats]
+        self.seed = opts["train"]["seed"]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        feat = self.features[i]
+        high = feat.shape[1] - self.crop_frames
+        start = 0 if high <= 0 else int(np.random.default_rng((self.seed, self.epoch, i)).integers(0, high + 1))
+        return torch.from_numpy(feat[:, start:start + self.crop_frames]), self.labels[i]
+
+    @staticmethod
+    def collate_fn(batch):
+        """List of ``(feat, label)`` -> ``(batch, n_mfcc, crop_frames)`` tensor, ``(batch,)`` labels."""
+        feats, labels = zip(*batch)
+        return torch.stack(feats), torch.tensor(labels, dtype=torch.long)
+
+
+class SpkTestDataset(Dataset):
+    """Whole test utterances (no cropping) for embedding.
+
+    ``opts`` is the full configuration. Item ``i`` is ``(features (n_mfcc, frames) tensor, relpath)``.
+    ``equal_length_batches`` groups utterances of identical length so that batched embedding is
+    exact for every model (no padding at all).
+    """
+
+    def __init__(self, opts: dict, log=print, relpaths: list[str] | None = None):
+        self.root = config_path_value(opts, "test.root")
+        manifest = config_path_value(opts, "test.test_manifest")
+        utts = read_manifest(manifest, key="test.test_manifest")
+        if relpaths is not None:
+            wanted = set(relpaths)
+            utts = [u for u in utts if u.relpath in wanted]
+        check_root(self.root, utts, "test.root", manifest)
+        feats, kept, problems = load_features([self.root / u.relpath for u in utts], opts["features"],
+                                              policy="error", log=log, desc="test MFCC")
+        self.utterances = [utts[i] for i in kept]
+        self.features = feats
+        self.index = {u.relpath: i for i, u in enumerate(self.utterances)}
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        return torch.from_numpy(self.features[i]), self.utterances[i].relpath
+
+    def equal_length_batches(self, batch_size: int) -> list[list[int]]:
+        by_len: dict[int, list[int]] = {}
+        for i, f in enumerate(self.features):
+            by_len.setdefault(f.shape[1], []).append(i)
+        return [idx[j:j + batch_size] for _, idx in sorted(by_len.items()) for j in range(0, len(idx), batch_size)]
+
+    @staticmethod
+    def collate_fn(batch):
+        """List of ``(feat, relpath)`` -> zero-padded ``(batch, n_mfcc, max_frames)``, lengths, relpaths."""
+        feats, keys = zip(*batch)
+        lengths = torch.tensor([f.shape[1] for f in feats], dtype=torch.long)
+        out = torch.zeros(len(feats), feats[0].shape[0], int(lengths.max()))
+        for j, f in enumerate(feats):
+            out[j, :, :f.shape[1]] = f
+        return out, lengths, list(keys)
+
+
+def check_root(root: Path, utts: list[Utterance], key: str, manifest: Path) -> None:
+    """Fail early when the root is missing or holds none of the manifest's files."""
+    if not root.is_dir():
+        raise DataError(f"config key '{key}' = {root} is not a folder; set it to the folder the paths in "
+                        f"{manifest} are relative to")
+    sample = utts[: min(len(utts), 50)]
+    if sample and not any((root / u.relpath).is_file() for u in sample):
+        raise DataError(f"none of the first {len(sample)} files of {manifest} exist under {key} = {root} "
+                        f"(e.g. {root / sample[0].relpath}); is '{key}' the right folder?")

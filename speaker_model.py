@@ -1,0 +1,80 @@
+"""Builds the configured embedding network, pooling and loss head; rebuilds them from a checkpoint.
+
+This is the one place that knows every model file: ``xvector.py``, ``ecapa.py``, ``pooling.py`` and
+``loss.py`` never import each other, and the entry scripts (``train.py``, ``EER.py``, ...) get their
+modules from here, so a checkpoint's recorded ``model``/``loss`` config is all it takes to rebuild.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import loss as losses
+import pooling as poolings
+import xvector
+
+POOLINGS = {
+    "gap": "GlobalAveragePooling",
+    "stats": "StatisticsPooling",
+    "asp": "AttentiveStatisticsPooling",
+}
+LOSSES = {
+    "softmax": "Softmax",
+    "amsoftmax": "Amsoftmax",
+    "aamsoftmax": "AAMsoftmax",
+}
+
+XVECTOR_STAT_CHANNELS = 1500
+
+
+def build_pooling(name: str, channels: int, global_context: bool = False) -> nn.Module:
+    """Pooling module ``name`` (gap | stats | asp) for ``channels`` input channels."""
+    cls = getattr(poolings, POOLINGS[name], None)
+    if cls is None:
+        raise NotImplementedError(f"pooling '{name}' is not available in pooling.py yet")
+    if name == "asp":
+        return cls(channels, global_context=global_context)
+    return cls(channels)
+
+
+def build_model(model_cfg: dict, n_mfcc: int) -> nn.Module:
+    """Embedding network from the ``model`` config section; maps ``(batch, n_mfcc, frames)`` to
+    ``(batch, embedding_size)``."""
+    name = model_cfg["name"]
+    if name == "xvector":
+        pool = build_pooling(model_cfg["pooling"], XVECTOR_STAT_CHANNELS)
+        return xvector.Xvector(pool, in_channels=n_mfcc, channels=model_cfg["channels"],
+                               stat_channels=XVECTOR_STAT_CHANNELS,
+                               embedding_size=model_cfg["embedding_size"])
+    if name == "ecapa":
+        import ecapa  # only needed for ECAPA runs
+        channels = model_cfg["channels"]
+        pool = build_pooling(model_cfg["pooling"], ecapa.ECAPA_TDNN.pooled_channels(channels),
+                             global_context=True)
+        return ecapa.ECAPA_TDNN(pool, in_channels=n_mfcc, channels=channels,
+                                embedding_size=model_cfg["embedding_size"])
+    raise ValueError(f"unknown model '{name}'")
+
+
+def build_loss(loss_cfg: dict, embedding_size: int, num_classes: int) -> nn.Module:
+    """Classification head from the ``loss`` config section (returns ``(loss, acc)``)."""
+    kind = loss_cfg["type"]
+    cls = getattr(losses, LOSSES[kind], None)
+    if cls is None:
+        raise NotImplementedError(f"loss '{kind}' is not available in loss.py yet")
+    if kind == "softmax":
+        return cls(embedding_size, num_classes)
+    return cls(embedding_size, num_classes, s=loss_cfg["scale"], margin=loss_cfg["margin"])
+
+
+def model_from_checkpoint(state: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the embedding network recorded in a checkpoint, weights loaded, in eval mode."""
+    cfg = state["config"]
+    model = build_model(cfg["model"], cfg["features"]["n_mfcc"])
+    model.load_state_dict(state["model_state"])
+    return model.to(device).eval()
+
+
+def describe(model_cfg: dict, loss_cfg: dict) -> str:
+    """``xvector_gap_softmax``-style tag of a configuration."""
+    return f"{model_cfg['name']}_{model_cfg['pooling']}_{loss_cfg['type']}"

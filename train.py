@@ -1,0 +1,371 @@
+"""Train a speaker-embedding network (lab steps 2.1-2.5).
+
+    python train.py --batchsize 64                      # x-vector + GAP + Softmax on the configured data
+    python train.py --loss_type amsoftmax --pooling stats --n_folder 001
+    python train.py --resume                            # continue saved_model/000 where it stopped
+
+Every epoch writes ``saved_model/<n_folder>/checkpoint_<epoch:03d>.pth`` (atomically, self-describing:
+``EER.py`` rebuilds the model from it alone), appends to ``train_log.csv`` and redraws
+``curves.png``; the last epoch is also saved under the lab's name
+``<model>_<pooling>_<loss>_checkpoint.pth``. Ctrl-C or SIGTERM saves ``interrupted.pth`` first, so
+``--resume`` continues mid-epoch and reproduces the losses of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from checkpoint import (CheckpointError, atomic_write, epoch_checkpoint_path, final_checkpoint_name,
+                        list_epoch_checkpoints, load_checkpoint, save_checkpoint)
+from config import PROJECT_ROOT, ConfigError, load_config, parse_override, public_config
+from dataset import DataError, SpkTrainDataset, feature_signature
+from demo_corpus import ensure_demo_corpus
+from speaker_model import build_loss, build_model, describe
+
+INTERRUPTED = "interrupted.pth"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, inconsistent resume, ...)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Train an x-vector / ECAPA-TDNN speaker embedding network.")
+    ap.add_argument("--config", default=None, help="YAML config with the keys to change (default: config.yaml)")
+    ap.add_argument("--gpu", default=None, help="CUDA device index, or -1 for CPU (default: GPU 0 if present)")
+    ap.add_argument("--n_folder", default=None, help="run folder under saved_model/ (default: train.n_folder, 000)")
+    ap.add_argument("--model", choices=("xvector", "ecapa"), default=None, help="embedding network")
+    ap.add_argument("--pooling", choices=("gap", "stats", "asp"), default=None, help="temporal pooling")
+    ap.add_argument("--loss_type", choices=("softmax", "amsoftmax", "aamsoftmax"), default=None, help="loss head")
+    ap.add_argument("--batchsize", type=int, default=None, help="utterance crops per step (default 64)")
+    ap.add_argument("--speaker_size", type=int, default=None,
+                    help="number of training speakers (default: taken from the manifest)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs to train (default 30)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.001)")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    ap.add_argument("--crop_frames", type=int, default=None, help="training crop length in frames (10 ms each)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config key, e.g. --set loss.margin=0.3 (repeatable)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (falls back if unsupported)")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    overrides = dict(parse_override(s) for s in args.set)
+    overrides.update({
+        "train.n_folder": args.n_folder, "model.name": args.model, "model.pooling": args.pooling,
+        "loss.type": args.loss_type, "train.batchsize": args.batchsize, "train.epochs": args.epochs,
+        "train.lr": args.lr, "train.seed": args.seed, "train.crop_frames": args.crop_frames,
+    })
+    return load_config(args.config, overrides)
+
+
+def select_device(gpu: str | None) -> torch.device:
+    if gpu is not None and str(gpu).strip() in ("-1", "cpu"):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu) if gpu is not None else 0}")
+    if gpu is not None:
+        print(f"note: --gpu {gpu} asked for, but CUDA is not available; training on the CPU")
+    return torch.device("cpu")
+
+
+def lr_lambda(cfg_train: dict, steps_per_epoch: int):
+    """Learning-rate factor per optimiser step: linear warm-up, then cosine decay or steps."""
+    total = cfg_train["epochs"] * steps_per_epoch
+    warm = min(cfg_train["warmup_epochs"] * steps_per_epoch, max(total - 1, 0))
+    kind = cfg_train["scheduler"]
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "cosine":
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * 0.99 + 0.01
+        if kind == "step":
+            return cfg_train["gamma"] ** (step // (cfg_train["step_size"] * steps_per_epoch))
+        return 1.0
+    return factor
+
+
+def run_folder(cfg: dict) -> Path:
+    return PROJECT_ROOT / "saved_model" / str(cfg["train"]["n_folder"])
+
+
+def _newest_state(folder: Path) -> tuple[Path | None, dict | None]:
+    """Newest loadable checkpoint (an interrupted one counts if it is further along)."""
+    candidates = [p for _, p in sorted(list_epoch_checkpoints(folder).items(), reverse=True)]
+    best, best_key = (None, None), (-1, -1)
+    inter = folder / INTERRUPTED
+    for p in ([inter] if inter.is_file() else []) + candidates:
+        try:
+            state = load_checkpoint(p)
+        except CheckpointError as e:
+            print(f"warning: skipping {e}")
+            continue
+        if "optimizer_state" not in state:
+            continue  # an older epoch checkpoint: weights only, not resumable
+        key = (state["epoch"], state.get("step_in_epoch", 0))
+        if key > best_key:
+            best, best_key = (p, state), key
+        if p != inter:
+            break  # epoch checkpoints are sorted newest first: the first resumable one is enough
+    return best
+
+
+def _write_log_csv(path: Path, history: list[dict]) -> None:
+    fields = ["epoch", "loss", "acc", "lr", "margin", "seconds"]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(history)
+    atomic_write(path, write)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so the state saved is consistent."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. called from a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a resumable checkpoint after this step ...",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size: int | None = None,
+          device: torch.device | None = None, compile_model: bool = False, log=print,
+          stop_after_steps: int | None = None) -> dict:
+    """Train with configuration ``cfg``; returns a summary dict (run folder, checkpoints, history).
+
+    ``stop_after_steps`` simulates an interruption after that many optimiser steps (for tests).
+    """
+    device = device or torch.device("cpu")
+    tcfg = cfg["train"]
+    folder = run_folder(cfg)
+    existing = list_epoch_checkpoints(folder)
+    if (existing or (folder / INTERRUPTED).exists()) and not (resume or overwrite):
+        raise TrainingError(
+            f"{folder} already holds checkpoints (epochs {min(existing) if existing else 0}-"
+            f"{max(existing) if existing else 0}); use --resume to continue, --overwrite to start over, "
+            f"or --n_folder NNN for a new run")
+    if overwrite and not resume and folder.exists():
+        for p in list(existing.values()) + [folder / INTERRUPTED]:
+            p.unlink(missing_ok=True)
+
+    ensure_demo_corpus(cfg["data"]["root"], log=log)
+    t0 = time.perf_counter()
+    dataset = SpkTrainDataset(cfg, log=log)
+    n_classes = len(dataset.speakers)
+    if speaker_size is not None and speaker_size != n_classes:
+        raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has {n_classes} "
+                          f"speakers; drop --speaker_size or fix the manifest")
+    log(f"training data: {len(dataset)} utterances, {n_classes} speakers "
+        f"(features ready in {time.perf_counter() - t0:.1f}s)")
+
+    torch.manual_seed(tcfg["seed"])
+    model = build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
+    head = build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes).to(device)
+    params = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    steps_per_epoch = math.ceil(len(dataset) / tcfg["batchsize"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
+
+    history: list[dict] = []
+    start_epoch, skip_steps, partial = 1, 0, {"loss": 0.0, "acc": 0.0, "n": 0, "seconds": 0.0}
+    if resume:
+        path, state = _newest_state(folder)
+        if state is None:
+            log(f"note: --resume but {folder} has no checkpoint; starting from scratch")
+        else:
+            if state["speakers"] != dataset.speakers:
+                raise TrainingError(f"{path} was trained on other speakers than {cfg['data']['train_manifest']}; "
+                                    "resume with the same manifest or start a new --n_folder")
+            for key in ("model", "loss"):
+                if state["config"][key] != cfg[key]:
+                    raise TrainingError(f"{path} was trained with {key} = {state['config'][key]}, not {cfg[key]}")
+            model.load_state_dict(state["model_state"])
+            head.load_state_dict(state["loss_state"])
+            optimizer.load_state_dict(state["optimizer_state"])
+            scheduler.load_state_dict(state["scheduler_state"])
+            history = list(state.get("history", []))
+            start_epoch = state["epoch"] + 1
+            skip_steps = state.get("step_in_epoch", 0)
+            if skip_steps:
+                start_epoch = state["epoch"] + 1
+                partial = dict(state["partial"])
+            log(f"resuming from {path.name}: epoch {state['epoch']} done"
+                + (f", {skip_steps} steps into epoch {start_epoch}" if skip_steps else ""))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "config.yaml", lambda tmp: tmp.write_text(
+        yaml.safe_dump(public_config(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8"))
+    if dataset.skipped:
+        atomic_write(folder / "skipped_files.txt",
+                     lambda tmp: tmp.write_text("\n".join(dataset.skipped) + "\n", encoding="utf-8"))
+
+    train_model = model
+    if compile_model:
+        try:
+            train_model = torch.compile(model)
+        except Exception as e:  # platform without a working compiler
+            log(f"note: torch.compile unavailable ({type(e).__name__}: {e}); training uncompiled")
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    def base_state(epoch: int) -> dict:
+        return {
+            "epoch": epoch, "model_state": model.state_dict(), "loss_state": head.state_dict(),
+            "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
+            "config": public_config(cfg), "features": feature_signature(cfg["features"]),
+            "speakers": list(dataset.speakers), "history": history, "tag": describe(cfg["model"], cfg["loss"]),
+        }
+
+    epochs = tcfg["epochs"]
+    margin = cfg["loss"]["margin"]
+    warm_margin = cfg["loss"]["margin_warmup_epochs"]
+    total_steps_done = 0
+    from tqdm import tqdm
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, epochs + 1):
+            dataset.set_epoch(epoch)
+            order = torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch)
+            loader = DataLoader(dataset, batch_size=tcfg["batchsize"], shuffle=True, generator=order,
+                                collate_fn=dataset.collate_fn, num_workers=tcfg["num_workers"],
+                                pin_memory=device.type == "cuda")
+            model.train()
+            head.train()
+            sums = partial if skip_steps else {"loss": 0.0, "acc": 0.0, "n": 0, "seconds": 0.0}
+            t_epoch = time.perf_counter()
+            bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr,
+                       disable=None)
+            for step, (x, y) in enumerate(bar):
+                if step < skip_steps:
+                    continue
+                if hasattr(head, "margin") and warm_margin > 0:
+                    head.margin = margin * min(1.0, (epoch - 1 + step / steps_per_epoch) / warm_margin)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss, acc = head(train_model(x), y)
+                if not torch.isfinite(loss):
+                    good = max(list_epoch_checkpoints(folder) or [0])
+                    raise TrainingError(
+                        f"loss became {loss.item()} at epoch {epoch}, step {step + 1}; stopped. The last good "
+                        f"checkpoint is epoch {good} in {folder}. Lower the learning rate (--lr) and --resume")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                n = y.shape[0]
+                sums["loss"] += loss.item() * n
+                sums["acc"] += acc.item() * n
+                sums["n"] += n
+                total_steps_done += 1
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.1f}%")
+                if stop.signum is not None or (stop_after_steps is not None and total_steps_done >= stop_after_steps):
+                    state = base_state(epoch - 1)
+                    state["step_in_epoch"] = step + 1
+                    state["partial"] = {**sums, "seconds": sums["seconds"] + time.perf_counter() - t_epoch}
+                    save_checkpoint(state, folder / INTERRUPTED)
+                    log(f"saved {folder / INTERRUPTED} (epoch {epoch}, step {step + 1}); "
+                        "continue with: python train.py --resume" + (f" --n_folder {tcfg['n_folder']}"))
+                    return {"run_folder": folder, "interrupted": True, "history": history}
+            bar.close()
+            skip_steps = 0
+            seconds = sums["seconds"] + time.perf_counter() - t_epoch
+            record = {"epoch": epoch, "loss": sums["loss"] / max(sums["n"], 1), "acc": sums["acc"] / max(sums["n"], 1),
+                      "lr": optimizer.param_groups[0]["lr"], "margin": getattr(head, "margin", 0.0),
+                      "seconds": round(seconds, 3)}
+            history.append(record)
+            log(f"Train Stage: {epoch}/{epochs} ===> Loss {record['loss']:.4f} Acc {record['acc']:.2f}%"
+                f"  (lr {record['lr']:.2e}, {seconds:.1f}s)")
+            save_checkpoint(base_state(epoch), epoch_checkpoint_path(folder, epoch))
+            _strip_resume_state(epoch_checkpoint_path(folder, epoch - 1))
+            (folder / INTERRUPTED).unlink(missing_ok=True)
+            _write_log_csv(folder / "train_log.csv", history)
+            _prune(folder, tcfg["keep_checkpoints"])
+            try:
+                from plots import plot_training_curves
+                plot_training_curves(history, folder / "curves.png", title=describe(cfg["model"], cfg["loss"]))
+            except Exception as e:  # a figure must never cost a training run
+                log(f"note: curves.png not drawn ({e})")
+
+    final = folder / final_checkpoint_name(cfg["model"]["name"], cfg["model"]["pooling"], cfg["loss"]["type"])
+    last = epoch_checkpoint_path(folder, epochs)
+    if last.is_file():
+        atomic_write(final, lambda tmp: shutil.copyfile(last, tmp))
+    log(f"done: {len(history)} epochs in {folder}; final checkpoint {final}")
+    return {"run_folder": folder, "final_checkpoint": final, "history": history, "interrupted": False}
+
+
+def _strip_resume_state(path: Path) -> None:
+    """Drop optimiser/scheduler state from an older epoch checkpoint: only the newest one is resumed
+    from, and the optimiser state (two tensors per weight for Adam) would triple the disk use."""
+    if not path.is_file():
+        return
+    state = load_checkpoint(path)
+    if "optimizer_state" in state:
+        for key in ("optimizer_state", "scheduler_state"):
+            state.pop(key, None)
+        save_checkpoint(state, path)
+
+
+def _prune(folder: Path, keep: int) -> None:
+    if keep and keep > 0:
+        found = list_epoch_checkpoints(folder)
+        for epoch in list(found)[:-keep]:
+            found[epoch].unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        device = select_device(args.gpu)
+        print(f"config: {cfg['_config_path']} | {describe(cfg['model'], cfg['loss'])} | device {device}")
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, speaker_size=args.speaker_size,
+                       device=device, compile_model=args.compile)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 130 if result.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

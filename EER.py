@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import metrics
 from checkpoint import CheckpointError, atomic_write, epoch_checkpoint_path, load_checkpoint
-from config import PROJECT_ROOT, ConfigError, config_path_value, load_config, parse_override, resolve_path
+from config import ConfigError, config_path_value, load_config, parse_override, resolve_path
 from dataset import DataError, SpkTestDataset, feature_signature, load_audio, mfcc, read_trials
 from demo_corpus import ensure_demo_corpus
 from speaker_model import model_from_checkpoint
@@ -47,7 +47,7 @@ def resolve_checkpoint(cfg: dict, cp_num: int | None, checkpoint: str | None) ->
     if checkpoint:
         return resolve_path(checkpoint)
     if cp_num is not None:
-        return epoch_checkpoint_path(PROJECT_ROOT / "saved_model" / str(cfg["train"]["n_folder"]), cp_num)
+        return epoch_checkpoint_path(config_path_value(cfg, "train.save_dir") / str(cfg["train"]["n_folder"]), cp_num)
     return config_path_value(cfg, "test.model_path")
 
 
@@ -165,7 +165,7 @@ def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, de
     }
     if out_dir is None:
         if baseline:
-            out_dir = PROJECT_ROOT / "saved_model" / "baseline"
+            out_dir = config_path_value(cfg, "train.save_dir") / "baseline"
         else:
             out_dir = Path(checkpoint).parent / f"eval_{Path(checkpoint).stem.replace('checkpoint_', '')}"
     curve = metrics.error_curve(scores, labels)

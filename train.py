@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from checkpoint import (CheckpointError, atomic_write, epoch_checkpoint_path, final_checkpoint_name,
                         list_epoch_checkpoints, load_checkpoint, save_checkpoint)
-from config import PROJECT_ROOT, ConfigError, load_config, parse_override, public_config
+from config import ConfigError, config_path_value, load_config, parse_override, public_config
 from dataset import DataError, SpkTrainDataset, feature_signature
 from demo_corpus import ensure_demo_corpus
 from speaker_model import build_loss, build_model, describe
@@ -102,7 +102,8 @@ def lr_lambda(cfg_train: dict, steps_per_epoch: int):
 
 
 def run_folder(cfg: dict) -> Path:
-    return PROJECT_ROOT / "saved_model" / str(cfg["train"]["n_folder"])
+    """``<train.save_dir>/<train.n_folder>``, e.g. ``saved_model/000``."""
+    return config_path_value(cfg, "train.save_dir") / str(cfg["train"]["n_folder"])
 
 
 def _newest_state(folder: Path) -> tuple[Path | None, dict | None]:

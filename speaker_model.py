@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+import ecapa
 import loss as losses
 import pooling as poolings
 import xvector
@@ -25,15 +26,21 @@ LOSSES = {
 }
 
 XVECTOR_STAT_CHANNELS = 1500
+ASP_ATTENTION_CHANNELS = 128  # attention bottleneck (ECAPA-TDNN paper)
 
 
-def build_pooling(name: str, channels: int, global_context: bool = False) -> nn.Module:
-    """Pooling module ``name`` (gap | stats | asp) for ``channels`` input channels."""
-    cls = getattr(poolings, POOLINGS[name], None)
-    if cls is None:
-        raise NotImplementedError(f"pooling '{name}' is not available in pooling.py yet")
+def build_pooling(name: str, channels: int, global_context: bool = True) -> nn.Module:
+    """Pooling module ``name`` (gap | stats | asp) for ``channels`` input channels.
+
+    ``asp`` is the channel-dependent attentive statistics pooling of ECAPA-TDNN, with global context
+    unless ``global_context=False``; it is the same for both models, so a pooling comparison
+    means the same thing on either network.
+    """
+    if name not in POOLINGS:
+        raise ValueError(f"unknown pooling '{name}'; choose one of {', '.join(POOLINGS)}")
+    cls = getattr(poolings, POOLINGS[name])
     if name == "asp":
-        return cls(channels, global_context=global_context)
+        return cls(channels, attention_channels=ASP_ATTENTION_CHANNELS, global_context=global_context)
     return cls(channels)
 
 
@@ -42,12 +49,12 @@ def build_model(model_cfg: dict, n_mfcc: int) -> nn.Module:
     ``(batch, embedding_size)``."""
     name = model_cfg["name"]
     if name == "xvector":
-        pool = build_pooling(model_cfg["pooling"], XVECTOR_STAT_CHANNELS)
+        # asp: the same ECAPA-style pooling (channel-dependent, global context) as for ECAPA-TDNN
+        pool = build_pooling(model_cfg["pooling"], XVECTOR_STAT_CHANNELS, global_context=True)
         return xvector.Xvector(pool, in_channels=n_mfcc, channels=model_cfg["channels"],
                                stat_channels=XVECTOR_STAT_CHANNELS,
                                embedding_size=model_cfg["embedding_size"])
     if name == "ecapa":
-        import ecapa  # only needed for ECAPA runs
         channels = model_cfg["channels"]
         pool = build_pooling(model_cfg["pooling"], ecapa.ECAPA_TDNN.pooled_channels(channels),
                              global_context=True)
@@ -59,9 +66,9 @@ def build_model(model_cfg: dict, n_mfcc: int) -> nn.Module:
 def build_loss(loss_cfg: dict, embedding_size: int, num_classes: int) -> nn.Module:
     """Classification head from the ``loss`` config section (returns ``(loss, acc)``)."""
     kind = loss_cfg["type"]
-    cls = getattr(losses, LOSSES[kind], None)
-    if cls is None:
-        raise NotImplementedError(f"loss '{kind}' is not available in loss.py yet")
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss '{kind}'; choose one of {', '.join(LOSSES)}")
+    cls = getattr(losses, LOSSES[kind])
     if kind == "softmax":
         return cls(embedding_size, num_classes)
     return cls(embedding_size, num_classes, s=loss_cfg["scale"], margin=loss_cfg["margin"])

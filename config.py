@@ -98,6 +98,11 @@ def _check_value(key: str, value, default, source: str):
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif isinstance(default, str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value) if not isinstance(value, str) else value
@@ -109,7 +114,8 @@ def _check_value(key: str, value, default, source: str):
     )
 
 
-def _merge(base: dict, update: dict, schema_flat: dict, source: str, prefix: str = "") -> None:
+def _merge(base: dict, update: dict, schema_flat: dict, source: str, prefix: str = "",
+           sources: dict | None = None) -> None:
     for k, v in update.items():
         key = f"{prefix}{k}"
         if key not in schema_flat and not any(s.startswith(key + ".") for s in schema_flat):
@@ -119,11 +125,13 @@ def _merge(base: dict, update: dict, schema_flat: dict, source: str, prefix: str
         if isinstance(v, dict):
             if not isinstance(base.get(k), dict):
                 raise ConfigError(f"{source}: key '{key}' is a value, not a section")
-            _merge(base[k], v, schema_flat, source, key + ".")
+            _merge(base[k], v, schema_flat, source, key + ".", sources)
         else:
             if isinstance(base.get(k), dict):
                 raise ConfigError(f"{source}: key '{key}' is a section; give its keys (e.g. {key}.{next(iter(base[k]))})")
             base[k] = _check_value(key, v, schema_flat[key], source)
+            if sources is not None:
+                sources[key] = source
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -131,6 +139,8 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=0.002")
     key, raw = text.split("=", 1)
+    if re.fullmatch(r"\s*[+-]?0\d+\s*", raw):  # run folders like 001: YAML would read an int (or octal)
+        return key.strip(), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -142,17 +152,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     """Return the full configuration: shipped defaults <- ``path`` <- ``overrides``.
 
     ``overrides`` maps dotted keys (``"train.lr"``) to values; ``None`` values are ignored so that
-    unset argparse flags can be passed straight through. The result also has ``_config_path``.
+    unset argparse flags can be passed straight through. The result also has ``_config_path`` (the
+    user config file, else the shipped one) and ``_sources`` (``{dotted key: where it was set}`` for
+    every key the user config or an override set; see ``key_source`` and ``explicit_keys``).
     """
     cfg = _read_yaml(DEFAULT_CONFIG)
     schema_flat = _flatten(cfg)
     source = str(DEFAULT_CONFIG)
+    sources: dict[str, str] = {}
     if path is not None:
         user_path = Path(path)
         if not user_path.is_absolute():
             user_path = Path.cwd() / user_path
         source = str(user_path)
-        _merge(cfg, _read_yaml(user_path), schema_flat, source)
+        _merge(cfg, _read_yaml(user_path), schema_flat, source, sources=sources)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -162,11 +175,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
         cur[parts[-1]] = value
-        _merge(cfg, nested, schema_flat, f"command line (--set {key}=...)")
+        _merge(cfg, nested, schema_flat, f"command line (--set {key}=...)", sources=sources)
     cfg["_config_path"] = source
+    cfg["_sources"] = sources
     validate(cfg)
     return cfg
 
+
+def key_source(cfg: dict, dotted: str) -> str:
+    """Where the value of ``dotted`` came from: the user config file, the command line, or the
+    shipped ``config.yaml`` (for error messages that must say which file to fix)."""
+    return cfg.get("_sources", {}).get(dotted, str(DEFAULT_CONFIG))
+
+
+def explicit_keys(cfg: dict) -> set[str]:
+    """Dotted keys the user set (in ``--config`` or as overrides), as opposed to shipped defaults."""
+    return set(cfg.get("_sources", {}))
+
+
+XVECTOR_CONTEXT = 14  # frames the x-vector's frame layers consume (xvector.CONTEXT; checked by the tests)
 
 _CHOICES = {
     "model.name": ("xvector", "ecapa"),
@@ -185,23 +212,30 @@ def get_key(cfg: dict, dotted: str):
 
 
 def validate(cfg: dict) -> None:
-    """Value checks that types alone cannot express."""
-    src = cfg.get("_config_path", "config")
+    """Value checks that types alone cannot express; messages name the key and where it was set."""
+    def src(key: str) -> str:
+        return key_source(cfg, key)
     for key, choices in _CHOICES.items():
         value = get_key(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{src}: key '{key}' is {value!r}; choose one of {', '.join(choices)}")
+            raise ConfigError(f"{src(key)}: key '{key}' is {value!r}; choose one of {', '.join(choices)}")
     positive = ["features.sample_rate", "features.n_mfcc", "features.n_mels", "train.epochs",
                 "train.batchsize", "train.crop_frames", "model.embedding_size", "model.channels",
-                "test.batch_size"]
+                "test.batch_size", "train.lr"]
     for key in positive:
         if get_key(cfg, key) <= 0:
-            raise ConfigError(f"{src}: key '{key}' must be positive, got {get_key(cfg, key)!r}")
+            raise ConfigError(f"{src(key)}: key '{key}' must be positive, got {get_key(cfg, key)!r}")
     if cfg["features"]["n_mfcc"] > cfg["features"]["n_mels"]:
-        raise ConfigError(f"{src}: features.n_mfcc ({cfg['features']['n_mfcc']}) cannot exceed features.n_mels "
-                          f"({cfg['features']['n_mels']}); raise n_mels")
-    if cfg["train"]["lr"] <= 0:
-        raise ConfigError(f"{src}: key 'train.lr' must be positive, got {cfg['train']['lr']!r}")
+        raise ConfigError(f"{src('features.n_mfcc')}: features.n_mfcc ({cfg['features']['n_mfcc']}) cannot exceed "
+                          f"features.n_mels ({cfg['features']['n_mels']}); raise n_mels")
+    for key in ("features.min_seconds", "train.warmup_epochs", "loss.margin_warmup_epochs",
+                "train.keep_checkpoints", "train.num_workers"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{src(key)}: key '{key}' must be 0 or more, got {get_key(cfg, key)!r}")
+    if cfg["model"]["name"] == "xvector" and cfg["train"]["crop_frames"] <= XVECTOR_CONTEXT:
+        key = "train.crop_frames"
+        raise ConfigError(f"{src(key)}: key '{key}' is {cfg['train']['crop_frames']}, but the x-vector "
+                          f"consumes {XVECTOR_CONTEXT} frames of context; use more than {XVECTOR_CONTEXT} (100 = 1 s)")
 
 
 def config_path_value(cfg: dict, dotted: str) -> Path:
@@ -210,7 +244,7 @@ def config_path_value(cfg: dict, dotted: str) -> Path:
     try:
         return resolve_path(value)
     except ConfigError:
-        raise ConfigError(f"{cfg.get('_config_path', 'config')}: key '{dotted}' is empty; set it to a path") from None
+        raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}' is empty; set it to a path") from None
 
 
 def public_config(cfg: dict) -> dict:

@@ -26,10 +26,11 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from checkpoint import (CheckpointError, atomic_write, epoch_checkpoint_path, final_checkpoint_name,
-                        list_epoch_checkpoints, load_checkpoint, save_checkpoint)
+from checkpoint import (CheckpointError, atomic_write, describe_mismatch, epoch_checkpoint_path,
+                        final_checkpoint_name, list_epoch_checkpoints, load_checkpoint, save_checkpoint,
+                        stale_temp_files)
 from config import ConfigError, config_path_value, load_config, parse_override, public_config
-from dataset import DataError, SpkTrainDataset, feature_signature
+from dataset import DataError, SpkTrainDataset, check_training_data, feature_signature
 from demo_corpus import ensure_demo_corpus
 from speaker_model import build_loss, build_model, describe
 
@@ -65,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> dict:
     overrides = dict(parse_override(s) for s in args.set)
-    overrides.update({
+    flags = {
         "train.n_folder": args.n_folder, "model.name": args.model, "model.pooling": args.pooling,
         "loss.type": args.loss_type, "train.batchsize": args.batchsize, "train.epochs": args.epochs,
         "train.lr": args.lr, "train.seed": args.seed, "train.crop_frames": args.crop_frames,
-    })
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})  # unset flags keep --set values
     return load_config(args.config, overrides)
 
 
@@ -175,25 +177,33 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     device = device or torch.device("cpu")
     tcfg = cfg["train"]
     folder = run_folder(cfg)
+    # Order matters: every check that can fail fast runs before the slow feature extraction, and
+    # nothing in the run folder is changed before the data has been read successfully.
     existing = list_epoch_checkpoints(folder)
     if (existing or (folder / INTERRUPTED).exists()) and not (resume or overwrite):
         raise TrainingError(
             f"{folder} already holds checkpoints (epochs {min(existing) if existing else 0}-"
             f"{max(existing) if existing else 0}); use --resume to continue, --overwrite to start over, "
             f"or --n_folder NNN for a new run")
-    if overwrite and not resume and folder.exists():
-        for p in list(existing.values()) + [folder / INTERRUPTED]:
-            p.unlink(missing_ok=True)
 
     ensure_demo_corpus(cfg["data"]["root"], log=log)
+    check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
     t0 = time.perf_counter()
     dataset = SpkTrainDataset(cfg, log=log)
     n_classes = len(dataset.speakers)
     if speaker_size is not None and speaker_size != n_classes:
         raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has {n_classes} "
                           f"speakers; drop --speaker_size or fix the manifest")
+    if n_classes < 2:
+        raise DataError(f"{cfg['data']['train_manifest']}: training needs at least 2 speakers, found {n_classes}"
+                        + (f" after skipping {len(dataset.skipped)} unusable file(s)" if dataset.skipped else ""))
     log(f"training data: {len(dataset)} utterances, {n_classes} speakers "
         f"(features ready in {time.perf_counter() - t0:.1f}s)")
+    if overwrite and not resume and folder.exists():
+        _clear_run(folder, log)
+    for tmp in stale_temp_files(folder):
+        log(f"note: removing {tmp.name}, left by a run that was killed while writing")
+        tmp.unlink(missing_ok=True)
 
     torch.manual_seed(tcfg["seed"])
     model = build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
@@ -213,13 +223,15 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             if state["speakers"] != dataset.speakers:
                 raise TrainingError(f"{path} was trained on other speakers than {cfg['data']['train_manifest']}; "
                                     "resume with the same manifest or start a new --n_folder")
-            for key in ("model", "loss"):
-                if state["config"][key] != cfg[key]:
-                    raise TrainingError(f"{path} was trained with {key} = {state['config'][key]}, not {cfg[key]}")
+            diff = describe_mismatch(state["config"], cfg, sections=("model", "loss", "features"))
+            if diff:
+                raise TrainingError(f"{path} was trained with another configuration: {'; '.join(diff)}. Resume "
+                                    "with the same settings or start a new --n_folder")
             model.load_state_dict(state["model_state"])
             head.load_state_dict(state["loss_state"])
             optimizer.load_state_dict(state["optimizer_state"])
             scheduler.load_state_dict(state["scheduler_state"])
+            _apply_changed_schedule(state["config"]["train"], tcfg, optimizer, scheduler, log)
             history = list(state.get("history", []))
             start_epoch = state["epoch"] + 1
             skip_steps = state.get("step_in_epoch", 0)
@@ -235,6 +247,9 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     if dataset.skipped:
         atomic_write(folder / "skipped_files.txt",
                      lambda tmp: tmp.write_text("\n".join(dataset.skipped) + "\n", encoding="utf-8"))
+        log(f"the {len(dataset.skipped)} skipped file(s) are listed in {folder / 'skipped_files.txt'}")
+    elif (folder / "skipped_files.txt").is_file() and not resume:
+        (folder / "skipped_files.txt").unlink()  # from an earlier run: this one skipped nothing
 
     train_model = model
     if compile_model:
@@ -284,10 +299,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     loss, acc = head(train_model(x), y)
                 if not torch.isfinite(loss):
-                    good = max(list_epoch_checkpoints(folder) or [0])
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch}, step {step + 1}; stopped. The last good "
-                        f"checkpoint is epoch {good} in {folder}. Lower the learning rate (--lr) and --resume")
+                    raise TrainingError(_diverged(f"loss became {loss.item()}", epoch, step + 1, folder))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -313,6 +325,11 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             record = {"epoch": epoch, "loss": sums["loss"] / max(sums["n"], 1), "acc": sums["acc"] / max(sums["n"], 1),
                       "lr": optimizer.param_groups[0]["lr"], "margin": getattr(head, "margin", 0.0),
                       "seconds": round(seconds, 3)}
+            bad = [name for name, t in list(model.state_dict().items()) + list(head.state_dict().items())
+                   if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:  # the last step's update overflowed: never save such weights as a "good" checkpoint
+                raise TrainingError(_diverged(f"weights became non-finite ({', '.join(bad[:3])})", epoch,
+                                              steps_per_epoch, folder))
             history.append(record)
             log(f"Train Stage: {epoch}/{epochs} ===> Loss {record['loss']:.4f} Acc {record['acc']:.2f}%"
                 f"  (lr {record['lr']:.2e}, {seconds:.1f}s)")
@@ -333,6 +350,44 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         atomic_write(final, lambda tmp: shutil.copyfile(last, tmp))
     log(f"done: {len(history)} epochs in {folder}; final checkpoint {final}")
     return {"run_folder": folder, "final_checkpoint": final, "history": history, "interrupted": False}
+
+
+def _diverged(what: str, epoch: int, step: int, folder: Path) -> str:
+    good = list_epoch_checkpoints(folder)
+    last = (f"The last good checkpoint, epoch {max(good)}, is kept in {folder}; lower the learning rate and "
+            f"continue from it with: python train.py --resume --lr <smaller>" if good else
+            f"No checkpoint was saved yet; lower the learning rate (--lr) and start again with --overwrite")
+    return f"training diverged: {what} at epoch {epoch}, step {step}; stopped. {last}"
+
+
+def _apply_changed_schedule(old: dict, new: dict, optimizer, scheduler, log) -> None:
+    """On --resume, a changed train.lr takes effect (the saved optimiser/scheduler state would
+    silently keep the old one); a changed train.epochs re-spreads the schedule. Both are logged."""
+    if float(old.get("lr", new["lr"])) != float(new["lr"]):
+        scheduler.base_lrs = [float(new["lr"]) for _ in scheduler.base_lrs]
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = float(new["lr"])
+            group["lr"] = float(new["lr"]) * factor
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        log(f"note: train.lr changed from {old['lr']} to {new['lr']} for the resumed run")
+    for key in ("epochs", "scheduler", "warmup_epochs", "step_size", "gamma"):
+        if key in old and old[key] != new[key]:
+            log(f"note: train.{key} changed from {old[key]} to {new[key]}; the learning-rate schedule follows "
+                "the new value from here on")
+
+
+def _clear_run(folder: Path, log) -> None:
+    """--overwrite: remove the previous run's checkpoints and logs (evaluation folders stay)."""
+    removed = []
+    candidates = list(list_epoch_checkpoints(folder).values()) + sorted(folder.glob("*_checkpoint.pth")) + [
+        folder / INTERRUPTED, folder / "train_log.csv", folder / "curves.png", folder / "skipped_files.txt"]
+    for p in candidates:
+        if p.is_file():
+            p.unlink()
+            removed.append(p.name)
+    if removed:
+        log(f"--overwrite: removed {len(removed)} file(s) of the previous run in {folder}")
 
 
 def _strip_resume_state(path: Path) -> None:
@@ -365,6 +420,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second Ctrl-C): nothing to save
+        print("\ninterrupted; no checkpoint was written by this run", file=sys.stderr)
+        return 130
     return 130 if result.get("interrupted") else 0
 
 

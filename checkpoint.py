@@ -14,6 +14,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -46,10 +47,44 @@ def atomic_write(path: Path, write_fn) -> None:
         os.replace(tmp, path)
     except OSError as e:
         _silent_unlink(tmp)
-        raise CheckpointError(f"could not write {path}: {e.strerror or e} (nothing was overwritten)") from e
+        kept = "the previous file is intact" if path.exists() else "nothing was written"
+        hint = "; free some disk space and run again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise CheckpointError(f"could not write {path}: {e.strerror or e} ({kept}){hint}") from e
     except BaseException:
         _silent_unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (a power cut right after must not bring back the old file)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stale_temp_files(folder: Path, names: list[str] | None = None) -> list[Path]:
+    """Temporary files ``atomic_write`` left in ``folder`` when its process was killed outright
+    (SIGKILL, power cut): ``.<name>.<random>.tmp``, optionally only those for targets in ``names``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            target = p.name[1:-4].rsplit(".", 1)[0]
+            if names is None or target in names or EPOCH_PATTERN.match(target):
+                found.append(p)
+    return sorted(found)
 
 
 def _silent_unlink(p) -> None:
@@ -63,7 +98,13 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Atomically save a checkpoint dict (see module docstring for its keys)."""
     state = dict(state)
     state.setdefault("format", FORMAT)
-    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: Path) -> None:
+        # through a Python file object: a full disk then raises OSError(ENOSPC), where torch's own
+        # path writer raises an opaque RuntimeError ("enforce fail at inline_container.cc")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(Path(path), write)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -114,3 +155,41 @@ def available_hint(folder: Path) -> str:
     if found:
         return f"; checkpoints in {folder}: epochs {', '.join(str(e) for e in found)}"
     return f"; {folder} has no checkpoint_NNN.pth files (train first: python train.py)"
+
+
+MISMATCH_SECTIONS = ("model", "features")
+
+
+def describe_mismatch(state_config: dict, cfg: dict, sections=MISMATCH_SECTIONS,
+                      only_keys=None) -> list[str]:
+    """What differs between a checkpoint's recorded configuration and ``cfg``, as
+    ``'model.channels: checkpoint 512 vs config 32'`` strings (empty list: they agree).
+
+    ``features`` compares only the settings a trained model depends on (``dataset.FEATURE_KEYS``;
+    not ``cache_dir``). ``only_keys``: restrict to these dotted keys, e.g. ``config.explicit_keys(cfg)``
+    to complain only about what the user asked for, not about shipped defaults the checkpoint
+    legitimately overrides. A key the checkpoint does not record is not compared.
+    """
+    from dataset import FEATURE_KEYS
+    out = []
+    for section in sections:
+        recorded = (state_config or {}).get(section)
+        current = cfg.get(section)
+        if not isinstance(recorded, dict) or not isinstance(current, dict):
+            continue
+        keys = FEATURE_KEYS if section == "features" else sorted(set(recorded) | set(current))
+        for k in keys:
+            dotted = f"{section}.{k}"
+            if only_keys is not None and dotted not in only_keys:
+                continue
+            if k not in recorded or k not in current:
+                continue
+            a, b = recorded[k], current[k]
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+                    and not isinstance(b, bool):
+                same = float(a) == float(b)
+            else:
+                same = a == b
+            if not same:
+                out.append(f"{dotted}: checkpoint {a!r} vs config {b!r}")
+    return out

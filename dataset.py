@@ -8,6 +8,13 @@ Features: librosa MFCCs (25 ms Hann window, 10 ms hop at 16 kHz, ``features.n_mf
 from ``features.n_mels`` mel bands), per-utterance mean normalisation, float32 arrays of shape
 ``(n_mfcc, frames)``. They are computed once per utterance (in parallel) and cached in memory and on
 disk (``features.cache_dir``), so an epoch never re-reads audio.
+
+Faults: every manifest/trial problem is listed together with file and line numbers. Unusable
+audio (missing, 0 bytes, truncated WAV, not audio, NaN/inf samples, silent, shorter than
+``features.min_seconds``) is one problem line per file; ``load_features`` raises one DataError
+listing them (``data.bad_audio: error``) or leaves them out and returns them (``skip``). Stereo
+and other sample rates are converted and counted in one log line. Failures inside the extraction
+process pool come back as one-line problems or one DataError, never as worker tracebacks.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
-from config import config_path_value, normalize_relpath, resolve_path
+from config import config_path_value, key_source, normalize_relpath, resolve_path
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -49,10 +56,10 @@ class Trial:
     line: int
 
 
-def _read_lines(path: Path, what: str, key: str | None) -> list[str]:
+def _read_lines(path: Path, what: str, key: str | None, source: str | None = None) -> list[str]:
     if not path.is_file():
-        where = f" (config key '{key}')" if key else ""
-        raise DataError(f"{what} not found: {path}{where}; fix the path in config.yaml or create the file")
+        where = f" (config key '{key}'" + (f", set in {source})" if source else ")") if key else ""
+        raise DataError(f"{what} not found: {path}{where}; fix the path or create the file")
     try:
         return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
@@ -66,11 +73,14 @@ def _raise_problems(path: Path, problems: list[str], fix: str) -> None:
         raise DataError(f"{path}: {len(problems)} bad line(s): {shown}{more}. {fix}")
 
 
-def read_manifest(path: Path, key: str | None = None) -> list[Utterance]:
-    """Parse a ``SPEAKER RELPATH`` manifest; all problems are reported together."""
+def read_manifest(path: Path, key: str | None = None, source: str | None = None) -> list[Utterance]:
+    """Parse a ``SPEAKER RELPATH`` manifest; all problems (with line numbers) are reported together.
+
+    ``key``/``source``: the config key that named the file and where it was set, for the message.
+    """
     path = Path(path)
     items, problems, seen = [], [], {}
-    for n, raw in enumerate(_read_lines(path, "manifest", key), start=1):
+    for n, raw in enumerate(_read_lines(path, "manifest", key, source), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -90,11 +100,15 @@ def read_manifest(path: Path, key: str | None = None) -> list[Utterance]:
     return items
 
 
-def read_trials(path: Path, key: str | None = None) -> list[Trial]:
-    """Parse an ``ENROLL TEST LABEL`` trial list; all problems are reported together."""
+def read_trials(path: Path, key: str | None = None, source: str | None = None) -> list[Trial]:
+    """Parse an ``ENROLL TEST LABEL`` trial list; all problems (with line numbers) are reported together.
+
+    Besides malformed lines, a trial listed twice (it would count twice in the EER) and an utterance
+    compared with itself (a trivially perfect score) are errors.
+    """
     path = Path(path)
-    trials, problems = [], []
-    for n, raw in enumerate(_read_lines(path, "trial list", key), start=1):
+    trials, problems, seen = [], [], {}
+    for n, raw in enumerate(_read_lines(path, "trial list", key, source), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -105,31 +119,78 @@ def read_trials(path: Path, key: str | None = None) -> list[Trial]:
         if parts[2] not in ("0", "1"):
             problems.append(f"line {n}: label must be 1 (target) or 0 (non-target), got {parts[2]!r}")
             continue
-        trials.append(Trial(normalize_relpath(parts[0]), normalize_relpath(parts[1]), int(parts[2]), n))
-    _raise_problems(path, problems, "Each line must be 'ENROLL_RELPATH TEST_RELPATH 0|1'")
+        enroll, test = normalize_relpath(parts[0]), normalize_relpath(parts[1])
+        if enroll == test:
+            problems.append(f"line {n}: {enroll} is compared with itself")
+            continue
+        pair = (enroll, test)
+        if pair in seen:
+            first, first_label = seen[pair]
+            clash = f" with the other label ({first_label})" if first_label != int(parts[2]) else ""
+            problems.append(f"line {n}: the same pair as line {first}{clash}")
+            continue
+        seen[pair] = (n, int(parts[2]))
+        trials.append(Trial(enroll, test, int(parts[2]), n))
+    _raise_problems(path, problems, "Each line must be 'ENROLL_RELPATH TEST_RELPATH 0|1', each pair listed once")
     if not trials:
         raise DataError(f"{path}: the trial list has no trials")
     return trials
 
 
 # --------------------------------------------------------------------------- audio and features
-def load_audio(path: Path, sample_rate: int) -> np.ndarray:
-    """Mono float32 waveform at ``sample_rate`` (stereo is averaged, other rates are resampled).
+def _one_line(text: object, limit: int = 160) -> str:
+    """An exception message as one short line (library messages can span several lines)."""
+    return " ".join(str(text).split())[:limit]
 
-    Raises DataError naming the file for missing, unreadable, empty, non-finite or silent audio.
-    """
+
+def _wav_truncation(path: Path) -> str | None:
+    """For a RIFF/WAVE file whose header declares more audio than the file holds, a description of
+    the shortfall (libsndfile would silently read the part that is there); else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = os.fstat(f.fileno()).st_size
+            pos = 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                chunk_id, chunk_len = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if chunk_id == b"data":
+                    have = size - pos - 8
+                    if chunk_len in (0, 0xFFFFFFFF):  # streaming writers leave the size unset
+                        return None
+                    if chunk_len > have:
+                        return (f"truncated WAV: the header declares {chunk_len} bytes of audio, the file holds "
+                                f"{have} ({100.0 * have / chunk_len:.0f}%); an incomplete copy or download?")
+                    return None
+                pos += 8 + chunk_len + (chunk_len & 1)
+    except OSError:
+        return None
+    return None
+
+
+def _read_audio(path: Path, sample_rate: int, min_seconds: float = 0.0) -> tuple[np.ndarray, int, int]:
+    """``(mono float32 waveform at sample_rate, original rate, original channel count)``; see load_audio."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: audio file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: audio file is empty (0 bytes)")
+    truncated = _wav_truncation(path)
+    if truncated:
+        raise DataError(f"{path}: {truncated}")
     try:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError for bad files
-        raise DataError(f"{path}: not a readable WAV/FLAC file ({str(e).strip()[:120]})") from None
+        raise DataError(f"{path}: not a readable WAV/FLAC file ({_one_line(e, 120)})") from None
     if wav.shape[0] == 0:
         raise DataError(f"{path}: audio file has no samples")
-    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    channels = wav.shape[1]
+    wav = wav.mean(axis=1) if channels > 1 else wav[:, 0]
     if not np.all(np.isfinite(wav)):
         raise DataError(f"{path}: audio has NaN or infinite samples")
     if sr != sample_rate:
@@ -137,7 +198,19 @@ def load_audio(path: Path, sample_rate: int) -> np.ndarray:
         wav = librosa.resample(wav, orig_sr=sr, target_sr=sample_rate).astype(np.float32)
     if float(np.max(np.abs(wav))) == 0.0:
         raise DataError(f"{path}: audio is silent (all samples are zero)")
-    return np.ascontiguousarray(wav, dtype=np.float32)
+    if min_seconds and wav.size < min_seconds * sample_rate:
+        raise DataError(f"{path}: audio is too short ({wav.size / sample_rate:.3f} s; features.min_seconds is "
+                        f"{min_seconds:g} s)")
+    return np.ascontiguousarray(wav, dtype=np.float32), int(sr), int(channels)
+
+
+def load_audio(path: Path, sample_rate: int, min_seconds: float = 0.0) -> np.ndarray:
+    """Mono float32 waveform at ``sample_rate`` (stereo is averaged, other rates are resampled).
+
+    Raises DataError naming the file for missing, empty, truncated, unreadable, non-finite, silent
+    or (with ``min_seconds``) too short audio.
+    """
+    return _read_audio(path, sample_rate, min_seconds)[0]
 
 
 def mfcc(wav: np.ndarray, feat_cfg: dict, mean_norm: bool = True) -> np.ndarray:
@@ -155,14 +228,29 @@ def mfcc(wav: np.ndarray, feat_cfg: dict, mean_norm: bool = True) -> np.ndarray:
     return feats.astype(np.float32)
 
 
-def _extract_one(args) -> tuple[np.ndarray | None, str | None]:
+def _extract_one(args) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
+    """``(features or None, one-line problem or None, (original rate, channels))`` of one file.
+
+    Runs in worker processes: every failure becomes a one-line problem naming the file, never a
+    traceback from inside the pool.
+    """
     path, feat_cfg = args
     try:
-        return mfcc(load_audio(path, feat_cfg["sample_rate"]), feat_cfg), None
+        wav, sr, channels = _read_audio(path, feat_cfg["sample_rate"], feat_cfg.get("min_seconds", 0.0) or 0.0)
+        feats = mfcc(wav, feat_cfg)
+        if not np.all(np.isfinite(feats)):
+            return None, f"{path}: features are not finite (NaN/inf MFCCs)", (sr, channels)
+        return feats, None, (sr, channels)
     except DataError as e:
-        return None, str(e)
+        return None, _one_line(e, 400), (0, 0)
     except Exception as e:  # report any librosa failure as one line, never a worker traceback
-        return None, f"{path}: feature extraction failed ({type(e).__name__}: {str(e)[:120]})"
+        return None, f"{path}: feature extraction failed ({type(e).__name__}: {_one_line(e, 120)})", (0, 0)
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is handled by the main process alone (no traceback per worker)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 FEATURE_KEYS = ("sample_rate", "n_mfcc", "n_mels", "win_length_ms", "hop_length_ms", "n_fft", "fmin", "fmax")
@@ -175,6 +263,9 @@ def feature_signature(feat_cfg: dict) -> dict:
 
 def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
     h = hashlib.sha1(json.dumps(feature_signature(feat_cfg), sort_keys=True).encode())
+    min_seconds = feat_cfg.get("min_seconds", 0.0) or 0.0
+    if min_seconds:  # decides which files are usable, so it is part of the key
+        h.update(f"min_seconds={float(min_seconds)!r}\n".encode())
     for p in paths:
         try:
             st = p.stat()
@@ -184,33 +275,80 @@ def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
     return cache_dir / f"mfcc_{h.hexdigest()[:20]}.npz"
 
 
-def extract_features(paths: list[Path], feat_cfg: dict, workers: int | None = None,
-                     desc: str = "MFCC") -> tuple[list[np.ndarray | None], list[str]]:
-    """Features for every path (None where the audio is bad) and the list of problems found."""
+def _extract_all(paths: list[Path], feat_cfg: dict, workers: int | None = None, desc: str = "MFCC"):
+    """``(features or None per path, problems, (original rate, channels) per path)``."""
     from tqdm import tqdm
     jobs = [(Path(p), feat_cfg) for p in paths]
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     if workers > 1 and len(jobs) >= 64:
         import multiprocessing as mp
+        from concurrent.futures.process import BrokenProcessPool
         ctx = mp.get_context("fork") if sys.platform != "win32" else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint)
+        try:
             results = list(tqdm(pool.map(_extract_one, jobs, chunksize=16), total=len(jobs),
                                 desc=desc, unit="utt", leave=False, file=sys.stderr))
+        except BrokenProcessPool as e:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise DataError(f"a feature-extraction worker process died ({_one_line(e, 160)}) while reading "
+                            f"{len(jobs)} audio files; usually out of memory or a crash inside an audio "
+                            "library. Free memory and run again") from None
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        except Exception as e:  # anything else the pool passes back, as one line
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise DataError(f"feature extraction failed ({type(e).__name__}: {_one_line(e, 200)})") from None
+        pool.shutdown(wait=True)
     else:
         results = [_extract_one(j) for j in tqdm(jobs, desc=desc, unit="utt", leave=False, file=sys.stderr)]
     feats = [r[0] for r in results]
     problems = [r[1] for r in results if r[1] is not None]
+    infos = [r[2] for r in results]
+    return feats, problems, infos
+
+
+def extract_features(paths: list[Path], feat_cfg: dict, workers: int | None = None,
+                     desc: str = "MFCC") -> tuple[list[np.ndarray | None], list[str]]:
+    """Features for every path (None where the audio is bad) and the list of problems found.
+
+    With ``workers > 1`` (default: up to 8 processes) and 64 files or more, files are read in a
+    process pool; a failure there still comes back as a one-line problem or DataError.
+    """
+    feats, problems, _ = _extract_all(paths, feat_cfg, workers, desc)
     return feats, problems
 
 
+def conversion_note(infos, sample_rate: int) -> str | None:
+    """One line counting the files that were resampled or averaged to mono (None when none were)."""
+    rates: dict[int, int] = {}
+    stereo = 0
+    for sr, channels in infos:
+        if sr and sr != sample_rate:
+            rates[int(sr)] = rates.get(int(sr), 0) + 1
+        if channels and channels > 1:
+            stereo += 1
+    parts = []
+    if rates:
+        detail = ", ".join(f"{n} at {sr} Hz" for sr, n in sorted(rates.items()))
+        parts.append(f"{sum(rates.values())} file(s) resampled to {sample_rate} Hz ({detail})")
+    if stereo:
+        parts.append(f"{stereo} multi-channel file(s) averaged to mono")
+    return f"note: {'; '.join(parts)}" if parts else None
+
+
 def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
-                  log=print, desc: str = "MFCC") -> tuple[list[np.ndarray], list[int], list[str]]:
+                  log=print, desc: str = "MFCC", workers: int | None = None
+                  ) -> tuple[list[np.ndarray], list[int], list[str]]:
     """Cached features for ``paths``.
 
     Returns ``(features, kept_indices, problems)``. With ``policy="error"`` any bad file raises one
     DataError listing them all; with ``"skip"`` bad files are dropped and listed in ``problems``.
+    Files that had to be resampled or averaged to mono are counted in one ``log`` line.
     """
     paths = [Path(p) for p in paths]
+    if policy not in ("error", "skip"):
+        raise DataError(f"bad audio policy {policy!r}; use 'error' or 'skip' (data.bad_audio)")
     cache_dir_value = feat_cfg.get("cache_dir", "")
     cache_file = None
     if cache_dir_value:
@@ -220,15 +358,25 @@ def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
                 with np.load(cache_file) as z:
                     data, offsets, kept = z["data"], z["offsets"], z["kept"]
                     problems = [str(s) for s in z["problems"]]
+                    infos = [tuple(r) for r in z["infos"].tolist()] if "infos" in z.files else []
+                if len(offsets) != len(kept) + 1 or (len(kept) and (kept.max() >= len(paths)
+                                                                    or offsets[-1] != data.shape[1])):
+                    raise ValueError("inconsistent cache")
                 feats = [data[:, offsets[i]:offsets[i + 1]] for i in range(len(kept))]
                 if problems and policy == "error":
                     _raise_audio_problems(problems)
+                note = conversion_note(infos, feat_cfg["sample_rate"])
+                if note:
+                    log(note)
                 return feats, kept.tolist(), problems
-            except (OSError, KeyError, ValueError):
+            except (OSError, KeyError, ValueError, EOFError):
                 log(f"note: ignoring unreadable feature cache {cache_file}")
-    feats, problems = extract_features(paths, feat_cfg, desc=desc)
+    feats, problems, infos = _extract_all(paths, feat_cfg, workers=workers, desc=desc)
     if problems and policy == "error":
         _raise_audio_problems(problems)
+    note = conversion_note(infos, feat_cfg["sample_rate"])
+    if note:
+        log(note)
     kept = [i for i, f in enumerate(feats) if f is not None]
     feats = [feats[i] for i in kept]
     if cache_file is not None and feats:
@@ -239,11 +387,12 @@ def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 np.savez(fh, data=data, offsets=offsets, kept=np.asarray(kept, dtype=np.int64),
-                         problems=np.asarray(problems, dtype=str))
+                         problems=np.asarray(problems, dtype=str),
+                         infos=np.asarray(infos, dtype=np.int64).reshape(-1, 2))
         try:
             atomic_write(cache_file, write)
         except Exception as e:  # a cache that cannot be written only costs time next run
-            log(f"note: feature cache not written ({e})")
+            log(f"note: feature cache not written ({_one_line(e, 200)})")
         feats = [data[:, offsets[i]:offsets[i + 1]] for i in range(len(feats))]
     return feats, kept, problems
 
@@ -279,9 +428,7 @@ class SpkTrainDataset(Dataset):
 
     def __init__(self, opts: dict, log=print):
         self.root = config_path_value(opts, "data.root")
-        manifest = config_path_value(opts, "data.train_manifest")
-        utts = read_manifest(manifest, key="data.train_manifest")
-        check_root(self.root, utts, "data.root", manifest)
+        utts = check_training_data(opts)
         feats, kept, self.skipped = load_features([self.root / u.relpath for u in utts], opts["features"],
                                                   policy=opts["data"]["bad_audio"], log=log, desc="train MFCC")
         if self.skipped:
@@ -325,11 +472,11 @@ class SpkTestDataset(Dataset):
     def __init__(self, opts: dict, log=print, relpaths: list[str] | None = None):
         self.root = config_path_value(opts, "test.root")
         manifest = config_path_value(opts, "test.test_manifest")
-        utts = read_manifest(manifest, key="test.test_manifest")
+        utts = read_manifest(manifest, key="test.test_manifest", source=key_source(opts, "test.test_manifest"))
         if relpaths is not None:
             wanted = set(relpaths)
             utts = [u for u in utts if u.relpath in wanted]
-        check_root(self.root, utts, "test.root", manifest)
+        check_root(self.root, utts, "test.root", manifest, key_source(opts, "test.root"))
         feats, kept, problems = load_features([self.root / u.relpath for u in utts], opts["features"],
                                               policy="error", log=log, desc="test MFCC")
         self.utterances = [utts[i] for i in kept]
@@ -359,12 +506,57 @@ class SpkTestDataset(Dataset):
         return out, lengths, list(keys)
 
 
-def check_root(root: Path, utts: list[Utterance], key: str, manifest: Path) -> None:
-    """Fail early when the root is missing or holds none of the manifest's files."""
+def check_root(root: Path, utts: list[Utterance], key: str, manifest: Path, source: str | None = None) -> None:
+    """Fail early when the root is missing or holds none of the manifest's files.
+
+    ``source``: where ``key`` was set (the config file), named in the message.
+    """
+    where = f" (set in {source})" if source else ""
     if not root.is_dir():
-        raise DataError(f"config key '{key}' = {root} is not a folder; set it to the folder the paths in "
+        raise DataError(f"config key '{key}' = {root}{where} is not a folder; set it to the folder the paths in "
                         f"{manifest} are relative to")
     sample = utts[: min(len(utts), 50)]
     if sample and not any((root / u.relpath).is_file() for u in sample):
-        raise DataError(f"none of the first {len(sample)} files of {manifest} exist under {key} = {root} "
+        raise DataError(f"none of the first {len(sample)} files of {manifest} exist under {key} = {root}{where} "
                         f"(e.g. {root / sample[0].relpath}); is '{key}' the right folder?")
+
+
+def check_training_data(opts: dict) -> list[Utterance]:
+    """Cheap checks of the training data before any heavy work: the manifest parses and ``data.root``
+    holds its files. Returns the manifest's utterances. Messages name the key and its config file."""
+    from config import key_source
+    manifest = config_path_value(opts, "data.train_manifest")
+    utts = read_manifest(manifest, key="data.train_manifest", source=key_source(opts, "data.train_manifest"))
+    check_root(config_path_value(opts, "data.root"), utts, "data.root", manifest, key_source(opts, "data.root"))
+    return utts
+
+
+def overlapping_speakers(train_utts, test_utts) -> list[str]:
+    """Sorted speakers found in both lists (``Utterance`` objects or plain speaker names).
+
+    Test speakers seen in training make a verification result optimistic: the model was taught
+    to tell exactly those voices apart.
+    """
+    def speakers(items) -> set[str]:
+        return {getattr(x, "speaker", x) for x in items}
+    return sorted(speakers(train_utts) & speakers(test_utts))
+
+
+def overlap_warning(train_manifest: Path | str | None, test_utts: list[Utterance]) -> str | None:
+    """A warning line when the test set shares speakers (or files) with the training manifest, else
+    None. A missing or unreadable training manifest gives None: evaluation does not need it."""
+    if not train_manifest:
+        return None
+    try:
+        train = read_manifest(resolve_path(train_manifest))
+    except (DataError, OSError, ValueError):
+        return None
+    shared = overlapping_speakers(train, test_utts)
+    files = sorted({u.relpath for u in train} & {u.relpath for u in test_utts})
+    if not shared and not files:
+        return None
+    text = (f"warning: {len(shared)} test speaker(s) also appear in the training data "
+            f"{train_manifest} ({', '.join(shared[:10])}{', ...' if len(shared) > 10 else ''})")
+    if files:
+        text += f"; {len(files)} test file(s) are training files (e.g. {files[0]})"
+    return text + ". The EER is optimistic: the model was trained on these voices"

@@ -9,13 +9,18 @@ Every epoch writes ``saved_model/<n_folder>/checkpoint_<epoch:03d>.pth`` (atomic
 ``curves.png``; the last epoch is also saved under the lab's name
 ``<model>_<pooling>_<loss>_checkpoint.pth``. Ctrl-C or SIGTERM saves ``interrupted.pth`` first, so
 ``--resume`` continues mid-epoch and reproduces the losses of an uninterrupted run.
+
+Faults: config and data-path problems stop the run before any feature extraction and before the
+run folder is touched (``--overwrite`` clears the old run only once the new data has been read).
+A non-finite loss or weight stops training with the epoch and step; the last good checkpoint
+stays. ``--resume`` refuses a checkpoint of another model/loss/feature configuration and applies
+a changed ``--lr``. Temporary files left by a killed save are removed at the next start.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import math
-import os
 import shutil
 import signal
 import sys
@@ -355,8 +360,8 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
 def _diverged(what: str, epoch: int, step: int, folder: Path) -> str:
     good = list_epoch_checkpoints(folder)
     last = (f"The last good checkpoint, epoch {max(good)}, is kept in {folder}; lower the learning rate and "
-            f"continue from it with: python train.py --resume --lr <smaller>" if good else
-            f"No checkpoint was saved yet; lower the learning rate (--lr) and start again with --overwrite")
+            "continue from it with: python train.py --resume --lr <smaller>" if good else
+            "No checkpoint was saved yet; lower the learning rate (--lr) and start again with --overwrite")
     return f"training diverged: {what} at epoch {epoch}, step {step}; stopped. {last}"
 
 

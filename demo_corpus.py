@@ -33,9 +33,9 @@ from config import PROJECT_ROOT, normalize_relpath, resolve_path
 SR = 16000
 DEMO_ROOT = PROJECT_ROOT / "data" / "demo_corpus"
 FILES_DIR = PROJECT_ROOT / "files"
-VERSION = 1
-DEFAULTS = dict(n_train_speakers=100, n_test_speakers=20, utts_per_speaker=10, seed=20240901,
-                min_seconds=1.5, max_seconds=3.0)
+VERSION = 2
+DEFAULTS = dict(n_train_speakers=200, n_test_speakers=20, utts_per_speaker=5, test_utts_per_speaker=10,
+                seed=20240901, min_seconds=3.0, max_seconds=5.0)
 
 # Average adult-male formants F1-F4 (Hz) of ten vowels (Peterson & Barney 1952 / Hillenbrand 1995).
 VOWELS = np.array([
@@ -53,7 +53,8 @@ def speaker_traits(rng: np.random.Generator) -> dict:
         f0=float(rng.uniform(165, 255) if female else rng.uniform(85, 150)),
         f0_range=float(rng.uniform(0.05, 0.20)),
         vtl=float(vtl),
-        formant_offsets=np.exp(rng.normal(0.0, 0.07, 4)).tolist(),
+        formant_offsets=np.exp(rng.normal(0.0, 0.12, 4)).tolist(),
+        vowel_offsets=np.exp(rng.normal(0.0, 0.08, VOWELS.shape)).tolist(),   # personal vowel "accent"
         bandwidth_scale=float(rng.uniform(0.7, 1.6)),
         tilt=float(rng.uniform(0.80, 0.97)),
         breathiness=float(rng.uniform(0.01, 0.25)),
@@ -93,7 +94,7 @@ def synthesize(traits: dict, rng: np.random.Generator, seconds: float) -> np.nda
     # Intonation: declination plus slow random movement around the speaker's mean pitch.
     knots = rng.normal(0.0, traits["f0_range"], 6)
     contour = np.interp(np.linspace(0, 5, n), np.arange(6), knots) - 0.1 * np.linspace(0, 1, n)
-    f0 = traits["f0"] * np.exp(rng.normal(0, 0.05)) * np.exp(contour)
+    f0 = traits["f0"] * np.exp(rng.normal(0, 0.03)) * np.exp(contour)
     source = _glottal_source(f0, traits["jitter"], rng)
     b_tilt, a_tilt = [1.0], [1.0, -2 * traits["tilt"], traits["tilt"] ** 2]
     source = signal.lfilter(b_tilt, a_tilt, source)
@@ -110,7 +111,9 @@ def synthesize(traits: dict, rng: np.random.Generator, seconds: float) -> np.nda
         seg_len = b - a
         ramp = np.minimum(1.0, np.minimum(np.arange(seg_len), np.arange(seg_len)[::-1]) / (0.01 * SR))
         if kind == "V":
-            formants = VOWELS[rng.integers(len(VOWELS))] * traits["vtl"] * offsets * np.exp(rng.normal(0, 0.03, 4))
+            v = rng.integers(len(VOWELS))
+            formants = (VOWELS[v] * np.asarray(traits["vowel_offsets"][v]) * traits["vtl"] * offsets
+                        * np.exp(rng.normal(0, 0.02, 4)))
             freqs = np.append(formants, traits["f5"])
             den = np.array([1.0])
             for f, w in zip(freqs, bw):
@@ -141,8 +144,8 @@ def _peaking(fc: float, gain_db: float, q: float) -> np.ndarray:
 
 def _channel(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random microphone/room colouring, band limits, noise at a random SNR, random level."""
-    sos = [_peaking(np.exp(rng.uniform(np.log(150), np.log(6500))), rng.uniform(-9, 9), rng.uniform(0.5, 2.0))
-           for _ in range(3)]
+    sos = [_peaking(np.exp(rng.uniform(np.log(150), np.log(6500))), rng.uniform(-6, 6), rng.uniform(0.5, 2.0))
+           for _ in range(2)]
     low = rng.uniform(40, 250)
     high = rng.uniform(5500, 7800)
     sos.append(signal.butter(2, [low, high], btype="band", fs=SR, output="sos")[0])
@@ -151,7 +154,7 @@ def _channel(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     noise = rng.standard_normal(y.size)
     if rng.random() < 0.5:  # pink-ish noise
         noise = signal.lfilter([1.0], [1.0, -0.95], noise)
-    snr_db = rng.uniform(8, 30)
+    snr_db = rng.uniform(20, 40)
     noise *= np.sqrt(np.mean(y ** 2) / (np.mean(noise ** 2) * 10 ** (snr_db / 10)))
     y = y + noise
     return (y / (np.max(np.abs(y)) + 1e-9) * rng.uniform(0.3, 0.9)).astype(np.float32)
@@ -159,11 +162,13 @@ def _channel(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _plan(params: dict) -> list[tuple[str, str, int, int]]:
     """(speaker, relpath, speaker index, utterance index) for every file, train speakers first."""
-    n_spk = params["n_train_speakers"] + params["n_test_speakers"]
+    n_train = params["n_train_speakers"]
+    n_spk = n_train + params["n_test_speakers"]
+    test_utts = params.get("test_utts_per_speaker") or params["utts_per_speaker"]
     rows = []
     for s in range(n_spk):
         spk = f"S{s + 1:04d}"
-        for u in range(params["utts_per_speaker"]):
+        for u in range(params["utts_per_speaker"] if s < n_train else test_utts):
             rows.append((spk, f"{spk}/{spk}W{u + 1:04d}.wav", s, u))
     return rows
 

@@ -31,9 +31,10 @@ import torch
 
 import metrics
 import scoring
-from checkpoint import CheckpointError, atomic_write, epoch_checkpoint_path, load_checkpoint
-from config import ConfigError, config_path_value, load_config, parse_override, resolve_path
-from dataset import DataError, SpkTestDataset, check_root, load_audio, mfcc, read_manifest, read_trials
+from checkpoint import CheckpointError, atomic_write, describe_mismatch, epoch_checkpoint_path, load_checkpoint
+from config import ConfigError, config_path_value, explicit_keys, load_config, parse_override, resolve_path
+from dataset import (DataError, SpkTestDataset, check_root, load_audio, mfcc, overlap_warning, read_manifest,
+                     read_trials)
 from demo_corpus import ensure_demo_corpus
 from extract import checkpoint_features, cli_path, embed_features, embed_files, write_embeddings
 from speaker_model import model_from_checkpoint
@@ -557,12 +558,21 @@ def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, de
     else:
         checkpoint = Path(checkpoint)
         state = load_checkpoint(checkpoint)
+        diff = describe_mismatch(state["config"], cfg, only_keys=explicit_keys(cfg))
+        if diff:
+            raise CheckpointError(f"{checkpoint} does not match the settings you gave: {'; '.join(diff)}. A checkpoint "
+                                  "is evaluated with its own model/feature settings: drop those --set/--config keys "
+                                  "or pick a checkpoint trained with them")
         feat_cfg = checkpoint_features(cfg, state, log)
         label = f"{state.get('tag', 'model')} epoch {state['epoch']}"
         model = model_from_checkpoint(state, device)
     system = f"{label}, {opts.label}"
     eval_cfg = {**cfg, "features": feat_cfg}
-    test_utts = {u.relpath for u in read_manifest(manifest, key="test.test_manifest")}
+    test_list = read_manifest(manifest, key="test.test_manifest")
+    test_utts = {u.relpath for u in test_list}
+    note = None if baseline else overlap_warning(state["config"].get("data", cfg["data"])["train_manifest"], test_list)
+    if note:
+        log(note)
     needed = trial_utterances(trials, test_utts, trials_path, manifest)
 
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import shutil
 import signal
 import sys
@@ -174,12 +175,18 @@ class _StopFlag:
 
 def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size: int | None = None,
           device: torch.device | None = None, compile_model: bool = False, log=print,
-          stop_after_steps: int | None = None) -> dict:
+          stop_after_steps: int | None = None, dist_info=None) -> dict:
     """Train with configuration ``cfg``; returns a summary dict (run folder, checkpoints, history).
 
     ``stop_after_steps`` simulates an interruption after that many optimiser steps (for tests).
+    ``dist_info`` (``distributed.DistInfo``, from ``torchrun``): ``train.batchsize`` is then the global
+    batch, split evenly over the processes; only rank 0 writes files.
     """
-    device = device or torch.device("cpu")
+    import distributed as dd
+    info = dist_info or dd.DistInfo(device=device or torch.device("cpu"))
+    device = info.device if dist_info is not None else (device or torch.device("cpu"))
+    if not info.is_main:
+        log = _quiet
     tcfg = cfg["train"]
     folder = run_folder(cfg)
     # Order matters: every check that can fail fast runs before the slow feature extraction, and
@@ -191,10 +198,15 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             f"{max(existing) if existing else 0}); use --resume to continue, --overwrite to start over, "
             f"or --n_folder NNN for a new run")
 
-    ensure_demo_corpus(cfg["data"]["root"], log=log)
-    check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
-    t0 = time.perf_counter()
-    dataset = SpkTrainDataset(cfg, log=log)
+    if tcfg["batchsize"] % info.world_size:
+        raise ConfigError(f"train.batchsize {tcfg['batchsize']} is the global batch and must be divisible by the "
+                          f"{info.world_size} processes")
+    batch_per_process = tcfg["batchsize"] // info.world_size
+    with dd.main_process_first(info):  # rank 0 generates the demo corpus / fills the feature cache once
+        ensure_demo_corpus(cfg["data"]["root"], log=log)
+        check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
+        t0 = time.perf_counter()
+        dataset = SpkTrainDataset(cfg, log=log)
     n_classes = len(dataset.speakers)
     if speaker_size is not None and speaker_size != n_classes:
         raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has {n_classes} "
@@ -204,18 +216,19 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                         + (f" after skipping {len(dataset.skipped)} unusable file(s)" if dataset.skipped else ""))
     log(f"training data: {len(dataset)} utterances, {n_classes} speakers "
         f"(features ready in {time.perf_counter() - t0:.1f}s)")
-    if overwrite and not resume and folder.exists():
+    if overwrite and not resume and folder.exists() and info.is_main:
         _clear_run(folder, log)
-    for tmp in stale_temp_files(folder):
+    for tmp in stale_temp_files(folder) if info.is_main else []:
         log(f"note: removing {tmp.name}, left by a run that was killed while writing")
         tmp.unlink(missing_ok=True)
+    dd.barrier(info)
 
     torch.manual_seed(tcfg["seed"])
     model = build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
     head = build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes).to(device)
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    steps_per_epoch = math.ceil(len(dataset) / tcfg["batchsize"])
+    steps_per_epoch = dd.steps_per_epoch(len(dataset), batch_per_process, info)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
 
     history: list[dict] = []
@@ -247,9 +260,12 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                 + (f", {skip_steps} steps into epoch {start_epoch}" if skip_steps else ""))
 
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "config.yaml", lambda tmp: tmp.write_text(
-        yaml.safe_dump(public_config(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8"))
-    if dataset.skipped:
+    if info.is_main:
+        atomic_write(folder / "config.yaml", lambda tmp: tmp.write_text(
+            yaml.safe_dump(public_config(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8"))
+    if not info.is_main:
+        pass
+    elif dataset.skipped:
         atomic_write(folder / "skipped_files.txt",
                      lambda tmp: tmp.write_text("\n".join(dataset.skipped) + "\n", encoding="utf-8"))
         log(f"the {len(dataset.skipped)} skipped file(s) are listed in {folder / 'skipped_files.txt'}")
@@ -267,6 +283,8 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    # One module holding every trained weight (network + loss head): one DDP wrapper, one all-reduce.
+    trainer = dd.wrap_model(dd.ModelWithHead(train_model, head), info)
 
     def base_state(epoch: int) -> dict:
         return {
@@ -284,10 +302,12 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     with _StopFlag() as stop:
         for epoch in range(start_epoch, epochs + 1):
             dataset.set_epoch(epoch)
-            order = torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch)
-            loader = DataLoader(dataset, batch_size=tcfg["batchsize"], shuffle=True, generator=order,
-                                collate_fn=dataset.collate_fn, num_workers=tcfg["num_workers"],
-                                pin_memory=device.type == "cuda")
+            if info.distributed:
+                order = dict(sampler=dd.make_sampler(dataset, info, seed=tcfg["seed"], epoch=epoch))
+            else:
+                order = dict(shuffle=True, generator=torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch))
+            loader = DataLoader(dataset, batch_size=batch_per_process, collate_fn=dataset.collate_fn,
+                                num_workers=tcfg["num_workers"], pin_memory=device.type == "cuda", **order)
             model.train()
             head.train()
             sums = partial if skip_steps else {"loss": 0.0, "acc": 0.0, "n": 0, "seconds": 0.0}
@@ -302,8 +322,8 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, acc = head(train_model(x), y)
-                if not torch.isfinite(loss):
+                    loss, acc = trainer(x, y)
+                if dd.any_rank(not torch.isfinite(loss), info):
                     raise TrainingError(_diverged(f"loss became {loss.item()}", epoch, step + 1, folder))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -316,16 +336,23 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                 sums["n"] += n
                 total_steps_done += 1
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.1f}%")
-                if stop.signum is not None or (stop_after_steps is not None and total_steps_done >= stop_after_steps):
+                stopping = stop.signum is not None or (stop_after_steps is not None
+                                                       and total_steps_done >= stop_after_steps)
+                if dd.any_rank(stopping, info):
                     state = base_state(epoch - 1)
                     state["step_in_epoch"] = step + 1
-                    state["partial"] = {**sums, "seconds": sums["seconds"] + time.perf_counter() - t_epoch}
-                    save_checkpoint(state, folder / INTERRUPTED)
+                    local = [sums["loss"], sums["acc"], sums["n"]]
+                    state["partial"] = {**dict(zip(("loss", "acc", "n"), dd.all_reduce_sum(local, info))),
+                                        "seconds": sums["seconds"] + time.perf_counter() - t_epoch}
+                    if info.is_main:
+                        save_checkpoint(state, folder / INTERRUPTED)
                     log(f"saved {folder / INTERRUPTED} (epoch {epoch}, step {step + 1}); "
                         "continue with: python train.py --resume" + (f" --n_folder {tcfg['n_folder']}"))
                     return {"run_folder": folder, "interrupted": True, "history": history}
             bar.close()
             skip_steps = 0
+            if info.distributed:  # epoch means over every process's crops
+                sums["loss"], sums["acc"], sums["n"] = dd.all_reduce_sum([sums["loss"], sums["acc"], sums["n"]], info)
             seconds = sums["seconds"] + time.perf_counter() - t_epoch
             record = {"epoch": epoch, "loss": sums["loss"] / max(sums["n"], 1), "acc": sums["acc"] / max(sums["n"], 1),
                       "lr": optimizer.param_groups[0]["lr"], "margin": getattr(head, "margin", 0.0),
@@ -338,6 +365,9 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             history.append(record)
             log(f"Train Stage: {epoch}/{epochs} ===> Loss {record['loss']:.4f} Acc {record['acc']:.2f}%"
                 f"  (lr {record['lr']:.2e}, {seconds:.1f}s)")
+            if not info.is_main:
+                dd.barrier(info)  # wait for rank 0's checkpoint so every rank can resume from it
+                continue
             save_checkpoint(base_state(epoch), epoch_checkpoint_path(folder, epoch))
             _strip_resume_state(epoch_checkpoint_path(folder, epoch - 1))
             (folder / INTERRUPTED).unlink(missing_ok=True)
@@ -348,13 +378,18 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                 plot_training_curves(history, folder / "curves.png", title=describe(cfg["model"], cfg["loss"]))
             except Exception as e:  # a figure must never cost a training run
                 log(f"note: curves.png not drawn ({e})")
+            dd.barrier(info)
 
     final = folder / final_checkpoint_name(cfg["model"]["name"], cfg["model"]["pooling"], cfg["loss"]["type"])
     last = epoch_checkpoint_path(folder, epochs)
-    if last.is_file():
+    if last.is_file() and info.is_main:
         atomic_write(final, lambda tmp: shutil.copyfile(last, tmp))
     log(f"done: {len(history)} epochs in {folder}; final checkpoint {final}")
     return {"run_folder": folder, "final_checkpoint": final, "history": history, "interrupted": False}
+
+
+def _quiet(*args, **kwargs) -> None:
+    """Log function of non-zero ranks: only rank 0 prints."""
 
 
 def _diverged(what: str, epoch: int, step: int, folder: Path) -> str:
@@ -419,9 +454,20 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         device = select_device(args.gpu)
-        print(f"config: {cfg['_config_path']} | {describe(cfg['model'], cfg['loss'])} | device {device}")
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite, speaker_size=args.speaker_size,
-                       device=device, compile_model=args.compile)
+        info = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: DistributedDataParallel
+            import distributed as dd
+            info = dd.setup_distributed(use_cuda=device.type == "cuda")
+            device = info.device
+        if info is None or info.is_main:
+            procs = f" x {info.world_size} processes" if info else ""
+            print(f"config: {cfg['_config_path']} | {describe(cfg['model'], cfg['loss'])} | device {device}{procs}")
+        try:
+            result = train(cfg, resume=args.resume, overwrite=args.overwrite, speaker_size=args.speaker_size,
+                           device=device, compile_model=args.compile, dist_info=info)
+        finally:
+            if info is not None:
+                dd.cleanup()
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -88,7 +88,7 @@ class Amsoftmax(nn.Module):
         return f"embedding_size={self.W.shape[0]}, num_classes={self.W.shape[1]}, s={self.s}, margin={self.margin}"
 
 
-class AAMsoftmax(nn.Module):
+class AAMsoftmax(Amsoftmax):
     """Additive angular margin softmax, ArcFace (Deng et al., "ArcFace: Additive Angular Margin Loss
     for Deep Face Recognition", CVPR 2019, arXiv 1801.07698); the loss of ECAPA-TDNN.
 
@@ -108,19 +108,8 @@ class AAMsoftmax(nn.Module):
     from ``self.margin`` at every forward (margin warm-up).
 
     ``(batch, embedding_size)`` -> cosines ``(batch, num_classes)`` -> ``(loss, acc)``; ``W`` is
-    ``(embedding_size, num_classes)`` as in :class:`Amsoftmax`.
+    ``(embedding_size, num_classes)`` as in :class:`Amsoftmax`, whose weights and cosines it shares.
     """
-
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, margin: float = 0.2):
-        super().__init__()
-        self.s = s
-        self.margin = margin
-        self.W = nn.Parameter(torch.empty(embedding_size, num_classes))
-        nn.init.xavier_normal_(self.W, gain=1)
-
-    def cosine(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, embedding_size)`` -> cosines ``(batch, num_classes)``."""
-        return cosine_logits(x, self.W)
 
     def target_cosine(self, cos_t: torch.Tensor) -> torch.Tensor:
         """Cosine of the target class (any shape) -> ``cos(theta + m)`` with the ``theta + m > pi`` fix."""

@@ -19,25 +19,29 @@ How data-parallel training works here
     copies stay identical.
 
 Effective batch
-    ``effective batch = per-process batch x world_size``. ``train.batchsize`` stays the per-process
-    batch: with 4 processes and ``batchsize 64`` one optimiser step sees 256 crops, and an epoch has
-    ``ceil(ceil(N / 4) / 64)`` steps instead of ``ceil(N / 64)``. The averaged gradient equals the
-    single-process gradient of the whole 256-crop batch (exactly so, apart from float rounding, for a
-    model without batch statistics; see BatchNorm below).
+    ``effective (global) batch = per-process batch x world_size``. In this project ``train.batchsize``
+    (``--batchsize``) is the global batch: ``train.py`` gives each of the N processes
+    ``batchsize / N`` crops per step (it must divide evenly), so one config means the same effective
+    batch, the same steps per epoch and the same learning rate on 1 or N processes. The averaged
+    gradient equals the single-process gradient of the whole batch (exactly, apart from float
+    rounding, for a model without batch statistics; see BatchNorm below).
+    :func:`effective_batch` and :func:`steps_per_epoch` take the per-process batch.
 
 Learning rate: the linear scaling rule
-    A k times larger batch gives a gradient with 1/k of the variance and k times fewer steps per
-    epoch. The linear scaling rule (Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in
-    1 Hour", 2017) keeps the training curve per epoch roughly unchanged by multiplying the learning
-    rate by k: ``lr = base_lr * effective_batch / base_batch`` (:func:`scaled_lr`), together with a
-    warm-up (``train.warmup_epochs``), since the large rate is unstable in the first steps. It holds
-    for SGD up to batches of a few thousand; for Adam (this project) it is a starting point, often a
-    little too aggressive: the square-root rule ``base_lr * sqrt(k)`` is the usual alternative. Keep
-    ``lr`` unscaled to compare runs per step rather than per epoch.
+    Only a larger *global* batch calls for another learning rate. A k times larger batch gives a
+    gradient with 1/k of the variance and k times fewer steps per epoch; the linear scaling rule
+    (Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017) keeps the
+    training curve per epoch roughly unchanged by multiplying the learning rate by k:
+    ``lr = base_lr * effective_batch / base_batch`` (:func:`scaled_lr`), together with a warm-up
+    (``train.warmup_epochs``), since the large rate is unstable in the first steps. It holds for SGD
+    up to batches of a few thousand; for Adam (this project) it is a starting point, often a little
+    too aggressive: the square-root rule ``base_lr * sqrt(k)`` is the usual alternative. Example: the
+    lab's ``--batchsize 64 --lr 0.001`` on 4 GPUs with 64 crops each is ``--batchsize 256 --lr 0.004``
+    (linear) or ``--lr 0.002`` (square root).
 
 BatchNorm
     The x-vector's frame layers use BatchNorm. Under DDP each process normalises with the statistics
-    of its own per-process batch (64 crops is plenty) and the running averages of rank 0 are broadcast
+    of its own per-process batch (``batchsize / N`` crops) and the running averages of rank 0 are broadcast
     to the others at every forward (``broadcast_buffers``), so checkpoints are identical on all ranks.
     ``wrap_model(..., sync_batchnorm=True)`` converts to ``SyncBatchNorm`` (statistics over the
     effective batch; CUDA only). Small per-process batches (below ~16) are where this matters.

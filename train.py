@@ -310,7 +310,9 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                                 num_workers=tcfg["num_workers"], pin_memory=device.type == "cuda", **order)
             model.train()
             head.train()
-            sums = partial if skip_steps else {"loss": 0.0, "acc": 0.0, "n": 0, "seconds": 0.0}
+            sums = {"loss": 0.0, "acc": 0.0, "n": 0, "seconds": 0.0}
+            if skip_steps:  # the saved partial sums are already totals over all processes: count them once
+                sums = dict(partial) if info.is_main else {**sums, "seconds": partial["seconds"]}
             t_epoch = time.perf_counter()
             bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr,
                        disable=None)

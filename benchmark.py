@@ -1,0 +1,972 @@
+"""Performance benchmark: features, training throughput, FLOPs, embedding, scoring, memory, start-up.
+
+    python benchmark.py --json bench_results/cpu.json            # full run (a few minutes)
+    python benchmark.py --quick --json /tmp/smoke.json           # smoke mode (tens of seconds)
+    python benchmark.py --runs 7 --threads 4 --json out.json     # more repetitions, 4 torch threads
+    python benchmark.py --gpu --json bench_results/gpu.json      # training/embedding on CUDA (autocast)
+
+Everything runs on a small synthetic corpus generated into a temporary folder (``demo_corpus``), so
+the numbers do not depend on the data you have. The model, loss and feature settings are those of
+``config.yaml`` (the lab default: x-vector, GAP, softmax, 40 MFCCs); training is measured at batch 64
+with 2-s crops (200 frames), 4 steps (one epoch of the 256-utterance corpus) per run after 2 warm-up
+steps (``--quick``: batch 8, 2 steps). Every measurement is repeated ``--runs`` times (default 5; the ones that
+start a fresh process, MFCC cold start and train.py's first epoch, 3 times unless ``--runs`` is given;
+``--quick``: 2 and 1, on smaller sizes). The JSON holds the median of each measurement; ``stats``
+holds its spread. Run it on an otherwise idle machine: the timings are only as quiet as the machine
+(``loadavg_start``/``loadavg_end`` record how busy it was). A full run takes a few minutes.
+
+JSON keys (numbers are medians over the runs unless noted; rates are per second of wall time)
+
+==============================  =========================================================================
+key                             meaning
+==============================  =========================================================================
+train_crops_per_s               training throughput through the real input path: ``SpkTrainDataset``
+                                crops + ``DataLoader`` (shuffle, ``collate_fn``, as ``train.train``
+                                builds it, a new loader each epoch) + forward + backward + Adam step +
+                                LR-scheduler step + the per-step ``loss.item()``/``acc.item()`` of the
+                                training loop. Crops (training examples) per second.
+reference_crops_per_s           the same model, optimizer and step on random tensors already in memory
+                                (no data loading); measured interleaved with the above, same process
+train_vs_reference              ``train_crops_per_s / reference_crops_per_s`` (1.0 = the input path
+                                costs nothing; 0.8 = data loading takes 20 % of a step)
+input_seconds_per_step          the input path alone (no model): seconds to produce one batch of crops
+                                through SpkTrainDataset + DataLoader (new loader each epoch)
+train_vs_reference_paired       median of the per-run ratios (the two loops run back to back in each
+                                run, A-B-B-A): more robust than the ratio of medians on a busy machine
+step_flops                      floating-point operations of one training step at the benchmark batch,
+                                counted analytically: every Conv1d/Linear (and a margin head's cosine
+                                matmul) costs ``2 * MACs`` forward, ``2 * MACs`` for the weight gradient
+                                and ``2 * MACs`` for the input gradient (not for the first layer, whose
+                                input needs no gradient). Pointwise ops (BatchNorm, ReLU, pooling,
+                                softmax, Adam) are not counted, as in ``FlopCounterMode``.
+step_flops_counted              the same, counted by ``torch.utils.flop_counter.FlopCounterMode`` on one
+                                forward + backward (on the meta device; for real on the CPU where a
+                                module cannot run there, e.g. a margin head's autocast region);
+                                ``step_flops_rel_diff`` = ``|step_flops - step_flops_counted| /
+                                step_flops_counted`` (0 for every model/pooling/loss of the project)
+step_flops_rule_of_three        the textbook estimate ``6 * MACs`` (forward + 2x backward everywhere)
+step_flops_per_s                achieved FLOP/s of training: ``step_flops / batch * train_crops_per_s``
+reference_flops_per_s           the same for the reference loop
+matmul_peak_flops_per_s         measured matmul peak on this machine, same thread count: the best of
+                                several ``torch.matmul`` timings of n x n matrices, ``2 n^3 / seconds``
+                                (CPU: fp32, n = 2048 and 4096, --quick 512 and 1024; GPU: the autocast
+                                dtype, n = 4096 and 8192)
+flops_vs_peak                   ``step_flops_per_s / matmul_peak_flops_per_s``: how much of the
+                                machine's dense-matmul speed training achieves
+mfcc_utts_per_s                 warm feature extraction (``dataset.extract_features`` = ``load_audio``
+                                + ``mfcc`` per file, one process), utterances per second
+mfcc_x_realtime                 the same as seconds of audio processed per second of wall time
+mfcc_parallel_utts_per_s        ``extract_features`` with its default worker pool (what ``train.py``
+mfcc_parallel_x_realtime        does for 64 files or more, pool start-up included); null with fewer
+                                files (--quick)
+mfcc_cold_seconds               latency of the first ``mfcc(load_audio(...))`` call in a fresh process:
+                                librosa import, numba JIT start-up (or cache load), one utterance
+mfcc_cold_warm_call_seconds     the second call on the same file in that process (the warm cost)
+mfcc_cold_process_seconds       wall time of that whole subprocess (interpreter, torch and numpy
+                                imports, both calls)
+mfcc_cold_nocache_seconds       the first call with an empty numba cache (``NUMBA_CACHE_DIR`` = a new
+                                folder): the one-off cost of the very first run after installing
+                                librosa (one sample; null in --quick)
+embed_utts_per_s                embedding extraction through ``EER.embed_dataset`` on a
+                                ``SpkTestDataset`` of whole 2-4 s utterances (equal-length batches,
+                                i.e. mostly one utterance per forward, exactly as ``EER.py`` does)
+embed_fixed_batch_utts_per_s    the model on one batch of ``test.batch_size`` 3-s (300-frame) inputs:
+                                the speed-up batching could give
+embed_x_realtime                ``embed_utts_per_s`` in seconds of audio per second
+score_trials_per_s              ``EER.cosine_scores`` on random ``score_embeddings x 512`` embeddings
+                                (10,000) and ``score_trials`` random pairs (1,000,000)
+first_epoch_seconds             cold time to the first epoch: wall time from starting
+                                ``python train.py --epochs 1`` (on the generated corpus, a fresh empty
+                                feature cache, config.yaml's training settings: batch 64, 1-s crops) to
+                                its
+                                ``Train Stage: 1/`` line: interpreter + imports + MFCC extraction of the
+                                training set + model build + one epoch
+first_epoch_startup_seconds     ... of which until its first output line (imports, config)
+first_epoch_features_seconds    ... of which reading the training data (as train.py reports it)
+first_epoch_train_seconds       ... of which the epoch itself (as train.py reports it)
+first_epoch_process_seconds     wall time of the whole train.py run (checkpoint, log and plot included)
+peak_rss_mb                     peak resident memory of the benchmark process (VmHWM on Linux, else
+                                ``getrusage``), MiB
+first_epoch_peak_rss_mb         peak resident memory of the train.py process of the first-epoch run
+                                (config.yaml's batch and crop; its MFCC worker processes not included),
+                                read from ``/proc/<pid>/status`` VmHWM at its last output line; null
+                                where there is no /proc, MiB
+rss_after_section_mb            peak resident memory after each section (shows which one sets it)
+stats                           per measurement: ``median``, ``min``, ``max``, ``q1``, ``q3``, ``iqr``,
+                                ``n`` and the raw ``samples`` (rates per run)
+==============================  =========================================================================
+
+Also recorded: ``torch_version``, ``python_version``, ``librosa_version``, ``numpy_version``,
+``threads`` (torch intra-op threads; subprocesses get ``OMP_NUM_THREADS`` = this), ``device``,
+``device_name``, ``amp_dtype`` (GPU), ``cpu_model`` (``/proc/cpuinfo``), ``cpu_count``, ``platform``,
+``loadavg_start``/``loadavg_end`` (1-minute load; a loaded machine gives slow, noisy numbers),
+``quick``, ``runs``, ``batch_size``, ``crop_frames``, ``model`` (tag), ``model_params``,
+``n_classes``, ``train_steps_per_run``, ``matmul_sizes``, ``matmul_by_size`` (best FLOP/s per
+size), ``train_step_source`` (which step function was timed), ``errors`` (sections that failed).
+
+``--gpu`` runs training, reference, matmul peak and embedding on CUDA with ``torch.autocast`` in
+bfloat16 where supported (else float16 with a ``GradScaler``), exactly as ``train.py`` does on a GPU;
+MFCC, scoring and the FLOP count stay on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # progress bars would bury the table; tqdm reads this when torch imports it
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+PROJECT = Path(__file__).resolve().parent
+if str(PROJECT) not in sys.path:
+    sys.path.insert(0, str(PROJECT))
+
+import config as config_mod  # noqa: E402
+import demo_corpus  # noqa: E402
+import distributed  # noqa: E402
+import speaker_model  # noqa: E402
+import train as train_mod  # noqa: E402
+from dataset import SpkTestDataset, SpkTrainDataset, extract_features, load_audio, mfcc  # noqa: E402
+
+REQUIRED_KEYS = ("train_crops_per_s", "reference_crops_per_s", "train_vs_reference", "step_flops",
+                 "step_flops_per_s", "matmul_peak_flops_per_s", "flops_vs_peak", "mfcc_x_realtime",
+                 "embed_utts_per_s", "score_trials_per_s", "peak_rss_mb")
+
+# Benchmark sizes. "full" is the default; "quick" is the smoke mode of the test suite.
+SETTINGS = {
+    "full": dict(corpus=dict(n_train_speakers=32, n_test_speakers=8, utts_per_speaker=8, test_utts_per_speaker=8,
+                             min_seconds=2.0, max_seconds=4.0),
+                 batch=64, crop_frames=200, train_steps=4, warmup_steps=2, matmul_sizes=(2048, 4096),
+                 matmul_reps=5, score_embeddings=10_000, score_trials=1_000_000, cold_runs=3),
+    "quick": dict(corpus=dict(n_train_speakers=8, n_test_speakers=4, utts_per_speaker=4, test_utts_per_speaker=4,
+                              min_seconds=2.0, max_seconds=4.0),
+                  batch=8, crop_frames=200, train_steps=2, warmup_steps=1, matmul_sizes=(512, 1024),
+                  matmul_reps=3, score_embeddings=2_000, score_trials=100_000, cold_runs=1),
+}
+QUICK_RUNS = 2
+GPU_MATMUL_SIZES = (4096, 8192)
+SUBPROCESS_TIMEOUT_S = 900
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+def summarize(samples: list[float]) -> dict:
+    """Median and spread of a list of measurements."""
+    xs = sorted(float(s) for s in samples)
+    if not xs:
+        return {"median": None, "min": None, "max": None, "q1": None, "q3": None, "iqr": None, "n": 0, "samples": []}
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q1, "q3": q3, "iqr": q3 - q1,
+            "n": len(xs), "samples": [float(s) for s in samples]}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process in MiB (``/proc/self/status`` VmHWM on Linux, else
+    ``getrusage``: bytes on macOS; the peak working set on Windows)."""
+    hwm = vm_hwm_mb()
+    if hwm is not None:
+        return hwm
+    try:
+        import resource
+    except ImportError:  # Windows
+        return _windows_peak_rss_mb()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+def _windows_peak_rss_mb() -> float | None:
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        class Counters(ctypes.Structure):
+            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+                (name, ctypes.c_size_t) for name in (
+                    "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                    "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")]
+        c = Counters()
+        c.cb = ctypes.sizeof(Counters)
+        ctypes.windll.psapi.GetProcessMemoryInfo(ctypes.windll.kernel32.GetCurrentProcess(), ctypes.byref(c), c.cb)
+        return c.PeakWorkingSetSize / (1024.0 * 1024.0)
+    except Exception:
+        return None
+
+
+def vm_hwm_mb(pid: int | str = "self") -> float | None:
+    """Peak resident set size ("high water mark") of a live process in MiB, from
+    ``/proc/<pid>/status`` (Linux); None elsewhere or once the process is gone. Unlike ``getrusage``
+    after ``fork``/``exec`` it counts only the program itself, not the parent's pages at fork time."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def subprocess_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+                "TQDM_DISABLE": "1"})
+    env["PYTHONPATH"] = str(PROJECT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
+    """``(use_amp, amp_dtype)`` exactly as ``train.train`` chooses them."""
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    return use_amp, amp_dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# The training step (mirror of train.train's inner loop)
+# --------------------------------------------------------------------------------------------------
+class NonFiniteLoss(FloatingPointError):
+    """The loss of a step was NaN or infinite (on some rank); the step was not applied."""
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, x: torch.Tensor,
+               y: torch.Tensor, amp_dtype: torch.dtype | None = None, info=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step, statement for statement the inner loop of ``train.train``.
+
+    ``net(x, y) -> (loss, acc)`` is the embedding network and loss head together
+    (``distributed.ModelWithHead``, or its DistributedDataParallel wrapper). Moves the batch to the
+    network's device, runs the forward pass (under ``torch.autocast`` when ``amp_dtype`` is given),
+    refuses a non-finite loss before touching the weights (on every rank at once when ``info`` is a
+    distributed ``DistInfo``), zeroes the gradients, (scaled) backward, optimiser step, scaler update,
+    LR-scheduler step. Returns the detached ``(loss, acc)``.
+
+    Proposed as ``train.train_step`` with this signature, so that training and this benchmark time one
+    function; when ``train.py`` defines it, the benchmark uses it.
+    """
+    device = next(net.parameters()).device
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    if amp_dtype is not None:
+        with torch.autocast(device.type, dtype=amp_dtype):
+            loss, acc = net(x, y)
+    else:
+        loss, acc = net(x, y)
+    bad = not bool(torch.isfinite(loss))
+    if info is not None and info.distributed:
+        bad = distributed.any_rank(bad, info)  # all ranks stop at the same step, none waits forever
+    if bad:
+        raise NonFiniteLoss(f"loss became {loss.item()}" if not torch.isfinite(loss) else
+                            "the loss became non-finite on another process")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach(), acc.detach()
+
+
+def resolve_step_function():
+    """``train.train_step`` when train.py defines one with this module's signature, else the mirror."""
+    fn = getattr(train_mod, "train_step", None)
+    if fn is not None:
+        try:
+            if list(inspect.signature(fn).parameters) == list(inspect.signature(train_step).parameters):
+                return fn, "train.train_step"
+        except (TypeError, ValueError):
+            pass
+        print("note: train.train_step has another signature; timing benchmark.train_step (a mirror of "
+              "train.train's inner loop)", file=sys.stderr)
+    return train_step, "benchmark.train_step (mirror of train.train's inner loop)"
+
+
+def build_training(cfg: dict, n_classes: int, steps_per_epoch: int, device: torch.device):
+    """``(net, optimizer, scheduler, scaler)`` built exactly as ``train.train`` builds them; ``net`` is
+    a ``distributed.ModelWithHead`` whose ``.model`` and ``.head`` are the two modules."""
+    tcfg = cfg["train"]
+    torch.manual_seed(tcfg["seed"])
+    model = speaker_model.build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
+    head = speaker_model.build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes).to(device)
+    params = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_mod.lr_lambda(tcfg, steps_per_epoch))
+    use_amp, amp_dtype = amp_settings(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return distributed.ModelWithHead(model, head), optimizer, scheduler, scaler
+
+
+def real_batches(dataset: SpkTrainDataset, cfg: dict, device: torch.device):
+    """Endless batches through the real input path: per epoch ``set_epoch`` and a new ``DataLoader``
+    with the seeded shuffle generator, ``collate_fn``, workers and pinning of ``train.train``."""
+    from torch.utils.data import DataLoader
+    tcfg = cfg["train"]
+    epoch = 0
+    while True:
+        epoch += 1
+        dataset.set_epoch(epoch)
+        order = torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch)
+        loader = DataLoader(dataset, batch_size=tcfg["batchsize"], shuffle=True, generator=order,
+                            collate_fn=dataset.collate_fn, num_workers=tcfg["num_workers"],
+                            pin_memory=device.type == "cuda")
+        yield from loader
+
+
+def reference_batches(batch: int, n_mfcc: int, frames: int, n_classes: int, device: torch.device):
+    """Endless identical batches of random tensors already on the device (no data loading)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, n_mfcc, frames, generator=g).to(device)
+    y = torch.randint(0, n_classes, (batch,), generator=g).to(device)
+    while True:
+        yield x, y
+
+
+def timed_steps(step_fn, parts, batches, steps: int, amp_dtype, device: torch.device) -> tuple[float, int]:
+    """Run ``steps`` training steps, drawing each batch from ``batches`` inside the timed region.
+    Returns ``(seconds, crops)``. Keeps the loop's per-step bookkeeping (``.item()`` syncs)."""
+    net, optimizer, scheduler, scaler = parts
+    sums = {"loss": 0.0, "acc": 0.0, "n": 0}
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches)
+        loss, acc = step_fn(net, optimizer, scheduler, scaler, x, y, amp_dtype)
+        n = y.shape[0]
+        sums["loss"] += loss.item() * n
+        sums["acc"] += acc.item() * n
+        sums["n"] += n
+    sync(device)
+    return time.perf_counter() - t0, sums["n"]
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------------
+def analytic_step_flops(model: nn.Module, head: nn.Module, batch: int, n_mfcc: int, frames: int,
+                        n_classes: int) -> dict:
+    """FLOPs of one training step (forward + backward) at ``batch``, from layer shapes.
+
+    A forward pass of the embedding network on the meta device (shapes only, no arithmetic) records
+    each Conv1d/Conv2d/Linear's output shape; MACs = output elements x (input channels / groups) x
+    kernel size (x ``in_features`` for Linear). The loss head is counted from its weights: a Linear
+    (softmax) or the cosine matmul with ``W`` (margin heads), ``batch x embedding x classes`` MACs.
+    Forward 2 MACs, weight gradient 2 MACs, input gradient 2 MACs where that input needs a gradient
+    (not for the first layer, which sees the data).
+    """
+    m = copy.deepcopy(model).to("meta").train()
+    records = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            per_out = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        else:  # Linear
+            per_out = module.in_features
+        records.append((type(module).__name__, output.numel() * per_out, bool(inputs[0].requires_grad)))
+
+    handles = [mod.register_forward_hook(hook) for mod in m.modules()
+               if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    try:
+        m(torch.empty(batch, n_mfcc, frames, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    linears = [mod for mod in head.modules() if isinstance(mod, nn.Linear)]
+    if linears:
+        for lin in linears:
+            records.append(("head_linear", batch * lin.in_features * lin.out_features, True))
+    else:
+        W = getattr(head, "W", None)
+        if isinstance(W, torch.Tensor) and W.dim() == 2:  # cosine logits: (batch, emb) @ (emb, classes)
+            records.append(("head_cosine_matmul", batch * W.numel(), True))
+    macs = sum(r[1] for r in records)
+    flops = sum(2 * r[1] * (3 if r[2] else 2) for r in records)
+    return {"step_flops": float(flops), "step_macs_forward": float(macs), "step_flops_rule_of_three": float(6 * macs),
+            "layers_counted": len(records)}
+
+
+def counted_step_flops(model: nn.Module, head: nn.Module, batch: int, n_mfcc: int, frames: int,
+                       n_classes: int) -> float:
+    """FLOPs of one forward + backward by ``torch.utils.flop_counter.FlopCounterMode``: on the meta
+    device (free), or for real on the CPU where a module cannot run on meta (e.g. autocast regions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(device: str) -> float:
+        m = copy.deepcopy(model).to(device).train()
+        h = copy.deepcopy(head).to(device).train()
+        x = torch.zeros(batch, n_mfcc, frames, device=device)
+        y = torch.arange(batch, device=device) % n_classes
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = h(m(x), y)
+            loss.backward()
+        return float(counter.get_total_flops())
+    try:
+        return count("meta")
+    except (RuntimeError, NotImplementedError):
+        return count("cpu")
+
+
+def matmul_peak(sizes, reps: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Best ``2 n^3 / s`` over ``reps`` timings of an n x n matmul for each n (after one warm-up)."""
+    by_size = {}
+    g = torch.Generator().manual_seed(0)
+    for n in sizes:
+        a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        torch.matmul(a, b, out=out)
+        sync(device)
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        by_size[str(n)] = 2.0 * n ** 3 / best
+        del a, b, out
+    return by_size
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args, workdir: Path):
+        self.args = args
+        self.quick = args.quick
+        self.s = SETTINGS["quick" if args.quick else "full"]
+        self.runs = args.runs if args.runs is not None else (QUICK_RUNS if args.quick else 5)
+        # fresh-process measurements (MFCC cold start, train.py first epoch) take seconds each: fewer
+        # of them unless --runs asks for a number explicitly
+        self.cold_runs = args.runs if args.runs is not None else self.s["cold_runs"]
+        self.workdir = workdir
+        self.threads = torch.get_num_threads()
+        self.device = torch.device("cuda") if args.gpu else torch.device("cpu")
+        self.result: dict = {}
+        self.stats: dict = {}
+        self.errors: dict = {}
+        self.rss_by_section: dict = {}
+        self.corpus = None
+        self.cfg = None
+
+    # ---- bookkeeping
+    def record(self, key: str, samples: list[float]) -> float:
+        st = summarize(samples)
+        self.stats[key] = st
+        self.result[key] = st["median"]
+        return st["median"]
+
+    def section(self, name: str, fn) -> None:
+        print(f"[benchmark] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # one failed section must not lose the others
+            import traceback
+            traceback.print_exc()
+            self.errors[name] = f"{type(e).__name__}: {e}"
+        rss = peak_rss_mb()
+        self.rss_by_section[name] = round(rss, 1) if rss is not None else None
+        print(f"[benchmark] {name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    # ---- corpus and config
+    def make_corpus(self) -> None:
+        base = self.workdir / "corpus"
+        root, files = base / "audio", base / "files"
+        demo_corpus.generate(root, params=self.s["corpus"], files_dir=files, workers=None, log=_quiet)
+        self.corpus = {"root": root, "train": files / "split_train_set.txt", "test": files / "test_set.txt",
+                       "trials": files / "trials.txt"}
+        self.cfg = config_mod.load_config(None, self.overrides(self.workdir / "feature_cache", self.workdir / "runs"))
+        self.cfg["train"]["batchsize"] = self.s["batch"]
+        self.cfg["train"]["crop_frames"] = self.s["crop_frames"]
+
+    def overrides(self, cache_dir: Path, save_dir: Path) -> dict:
+        c = self.corpus
+        return {"data.root": str(c["root"]), "data.train_manifest": str(c["train"]), "test.root": str(c["root"]),
+                "test.test_manifest": str(c["test"]), "test.trials": str(c["trials"]),
+                "features.cache_dir": str(cache_dir), "train.save_dir": str(save_dir)}
+
+    def audio_paths(self, manifest: Path) -> list[Path]:
+        lines = [ln.split(maxsplit=1) for ln in manifest.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return [self.corpus["root"] / rel for _, rel in lines]
+
+    # ---- MFCC
+    def bench_mfcc(self) -> None:
+        import soundfile as sf
+        feat_cfg = {**self.cfg["features"], "cache_dir": ""}
+        paths = self.audio_paths(self.corpus["train"]) + self.audio_paths(self.corpus["test"])
+        audio_s = sum(sf.info(str(p)).duration for p in paths)
+        mfcc(load_audio(paths[0], feat_cfg["sample_rate"]), feat_cfg)  # warm-up: librosa import, JIT
+        rates, xrt = [], []
+        for _ in range(self.runs):
+            t0 = time.perf_counter()
+            feats, problems = extract_features(paths, feat_cfg, workers=1, desc="bench MFCC")
+            dt = time.perf_counter() - t0
+            if problems:
+                raise RuntimeError(f"feature extraction failed: {problems[:3]}")
+            rates.append(len(paths) / dt)
+            xrt.append(audio_s / dt)
+        self.record("mfcc_utts_per_s", rates)
+        self.record("mfcc_x_realtime", xrt)
+        self.result["mfcc_audio_seconds"] = round(audio_s, 3)
+        self.result["mfcc_utterances"] = len(paths)
+        workers = min(os.cpu_count() or 1, 8)
+        if len(paths) >= 64 and workers > 1:  # extract_features' own threshold for its process pool
+            rates, xrt = [], []
+            for _ in range(self.runs):
+                t0 = time.perf_counter()
+                extract_features(paths, feat_cfg, desc="bench MFCC")
+                dt = time.perf_counter() - t0
+                rates.append(len(paths) / dt)
+                xrt.append(audio_s / dt)
+            self.record("mfcc_parallel_utts_per_s", rates)
+            self.record("mfcc_parallel_x_realtime", xrt)
+            self.result["mfcc_parallel_workers"] = workers
+        else:
+            self.result["mfcc_parallel_utts_per_s"] = self.result["mfcc_parallel_x_realtime"] = None
+
+    def bench_mfcc_cold(self) -> None:
+        path = self.audio_paths(self.corpus["train"])[0]
+        feat_cfg = {k: v for k, v in self.cfg["features"].items() if k != "cache_dir"}
+        script = (
+            "import json, sys, time\n"
+            "t0 = time.perf_counter()\n"
+            "import dataset\n"
+            "t1 = time.perf_counter()\n"
+            f"cfg = json.loads({json.dumps(json.dumps(feat_cfg))})\n"
+            f"path = {str(path)!r}\n"
+            "dataset.mfcc(dataset.load_audio(path, cfg['sample_rate']), cfg)\n"
+            "t2 = time.perf_counter()\n"
+            "dataset.mfcc(dataset.load_audio(path, cfg['sample_rate']), cfg)\n"
+            "t3 = time.perf_counter()\n"
+            "print('BENCH ' + json.dumps({'import': t1 - t0, 'first': t2 - t1, 'second': t3 - t2}))\n"
+        )
+        n = self.cold_runs
+        first, second, proc = [], [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, env=subprocess_env(self.threads),
+                                 capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+            wall = time.perf_counter() - t0
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
+            if out.returncode != 0 or not lines:
+                raise RuntimeError(f"MFCC cold-start subprocess failed (exit {out.returncode}): "
+                                   f"{(out.stderr or out.stdout)[-800:]}")
+            d = json.loads(lines[-1][6:])
+            first.append(d["first"])
+            second.append(d["second"])
+            proc.append(wall)
+        self.record("mfcc_cold_seconds", first)
+        self.record("mfcc_cold_warm_call_seconds", second)
+        self.record("mfcc_cold_process_seconds", proc)
+        if self.quick:  # ~15-20 s of numba compilation: full mode only
+            self.result["mfcc_cold_nocache_seconds"] = None
+            return
+        # First run after installing: numba compiles librosa's kernels because its cache is empty.
+        env = subprocess_env(self.threads)
+        with tempfile.TemporaryDirectory(prefix="numba_cache_") as cache:
+            env["NUMBA_CACHE_DIR"] = cache
+            out = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, env=env, capture_output=True,
+                                 text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"MFCC no-cache subprocess failed (exit {out.returncode}): "
+                               f"{(out.stderr or out.stdout)[-800:]}")
+        self.record("mfcc_cold_nocache_seconds", [json.loads(lines[-1][6:])["first"]])
+
+    # ---- training throughput and FLOPs
+    def bench_training(self) -> None:
+        cfg, device = self.cfg, self.device
+        dataset = SpkTrainDataset(cfg, log=_quiet)
+        n_classes = len(dataset.speakers)
+        batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
+        steps_per_epoch = math.ceil(len(dataset) / batch)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        parts = build_training(cfg, n_classes, steps_per_epoch, device)
+        model, head = parts[0].model, parts[0].head
+        parts[0].train()
+        use_amp, amp_dtype = amp_settings(device)
+        amp = amp_dtype if use_amp else None
+        step_fn, source = resolve_step_function()
+        self.result.update({
+            "train_step_source": source, "batch_size": batch, "crop_frames": frames, "n_classes": n_classes,
+            "train_utterances": len(dataset), "train_steps_per_run": self.s["train_steps"],
+            "model": speaker_model.describe(cfg["model"], cfg["loss"]),
+            "model_params": sum(p.numel() for p in model.parameters()),
+            "amp_dtype": str(amp).replace("torch.", "") if amp is not None else None,
+        })
+
+        # FLOPs (shape-only, before any timing)
+        flops = analytic_step_flops(model, head, batch, n_mfcc, frames, n_classes)
+        counted = counted_step_flops(model, head, batch, n_mfcc, frames, n_classes)
+        self.result.update(flops)
+        self.result["step_flops_counted"] = counted
+        self.result["step_flops_rel_diff"] = abs(flops["step_flops"] - counted) / counted
+
+        real = real_batches(dataset, cfg, device)
+        ref = reference_batches(batch, n_mfcc, frames, n_classes, device)
+        warm = self.s["warmup_steps"]
+        timed_steps(step_fn, parts, real, warm, amp, device)  # allocator, oneDNN/cuDNN plans, first loader
+        timed_steps(step_fn, parts, ref, warm, amp, device)
+        train_rates, ref_rates = [], []
+        for i in range(self.runs):  # interleaved in A-B-B-A order, so load changes hit both loops alike
+            for which in (("real", "ref") if i % 2 == 0 else ("ref", "real")):
+                dt, n = timed_steps(step_fn, parts, real if which == "real" else ref, self.s["train_steps"],
+                                    amp, device)
+                (train_rates if which == "real" else ref_rates).append(n / dt)
+        input_s = []
+        for _ in range(self.runs):  # the input path alone: crops, collate, a new loader each epoch
+            t0 = time.perf_counter()
+            for _ in range(self.s["train_steps"]):
+                next(real)
+            input_s.append((time.perf_counter() - t0) / self.s["train_steps"])
+        self.record("input_seconds_per_step", input_s)
+        train_rate = self.record("train_crops_per_s", train_rates)
+        ref_rate = self.record("reference_crops_per_s", ref_rates)
+        self.result["train_vs_reference"] = train_rate / ref_rate
+        paired = summarize([a / b for a, b in zip(train_rates, ref_rates)])
+        self.stats["train_vs_reference_paired"] = paired
+        self.result["train_vs_reference_paired"] = paired["median"]
+        per_crop = flops["step_flops"] / batch
+        self.result["step_flops_per_s"] = per_crop * train_rate
+        self.result["reference_flops_per_s"] = per_crop * ref_rate
+        self.stats["step_flops_per_s"] = summarize([per_crop * r for r in train_rates])
+        self.model, self.head = model, head  # reused (in eval mode) by the embedding section
+        del dataset, real
+
+    def bench_matmul(self) -> None:
+        device = self.device
+        if device.type == "cuda":
+            _, dtype = amp_settings(device)
+            sizes = GPU_MATMUL_SIZES
+        else:
+            dtype, sizes = torch.float32, self.s["matmul_sizes"]
+        reps = max(self.s["matmul_reps"], self.runs)
+        by_size = matmul_peak(sizes, reps, device, dtype)
+        self.result["matmul_peak_flops_per_s"] = max(by_size.values())
+        self.result["matmul_by_size"] = by_size
+        self.result["matmul_sizes"] = list(sizes)
+        self.result["matmul_dtype"] = str(dtype).replace("torch.", "")
+
+    # ---- embedding and scoring
+    def bench_embedding(self) -> None:
+        import EER
+        device = self.device
+        model = getattr(self, "model", None)
+        if model is None:  # training section failed: a fresh model is as good for timing
+            model = speaker_model.build_model(self.cfg["model"], self.cfg["features"]["n_mfcc"]).to(device)
+        model.eval()
+        ds = SpkTestDataset(self.cfg, log=_quiet)
+        bs = self.cfg["test"]["batch_size"]
+        frames = sum(f.shape[1] for f in ds.features)
+        audio_s = frames * self.cfg["features"]["hop_length_ms"] / 1000.0
+        EER.embed_dataset(model, ds, bs, device)  # warm-up
+        rates = []
+        for _ in range(self.runs):
+            sync(device)
+            t0 = time.perf_counter()
+            emb = EER.embed_dataset(model, ds, bs, device)
+            sync(device)
+            rates.append(len(ds) / (time.perf_counter() - t0))
+        assert emb.shape[0] == len(ds)
+        rate = self.record("embed_utts_per_s", rates)
+        self.result["embed_x_realtime"] = rate * audio_s / len(ds)
+        self.result["embed_utterances"] = len(ds)
+        self.result["embed_batches"] = len(ds.equal_length_batches(bs))
+        x = torch.randn(bs, self.cfg["features"]["n_mfcc"], 300).to(device)
+        rates = []
+        with torch.no_grad():
+            model(x)
+            for _ in range(self.runs):
+                sync(device)
+                t0 = time.perf_counter()
+                model(x).float().cpu()
+                sync(device)
+                rates.append(bs / (time.perf_counter() - t0))
+        self.record("embed_fixed_batch_utts_per_s", rates)
+
+    def bench_scoring(self) -> None:
+        import EER
+        rng = np.random.default_rng(0)
+        n_emb, n_trials = self.s["score_embeddings"], self.s["score_trials"]
+        emb = rng.standard_normal((n_emb, 512), dtype=np.float32)
+        a = rng.integers(0, n_emb, n_trials)
+        b = rng.integers(0, n_emb, n_trials)
+        EER.cosine_scores(emb, a[:1000], b[:1000])  # warm-up
+        rates = []
+        for _ in range(self.runs):
+            t0 = time.perf_counter()
+            scores = EER.cosine_scores(emb, a, b)
+            rates.append(n_trials / (time.perf_counter() - t0))
+        assert scores.shape == (n_trials,)
+        self.record("score_trials_per_s", rates)
+        self.result["score_embeddings"] = n_emb
+        self.result["score_trials"] = n_trials
+
+    # ---- cold start of train.py
+    def bench_first_epoch(self) -> None:
+        first, startup, feats, epoch, total, peak = [], [], [], [], [], []
+        for i in range(self.cold_runs):
+            run_dir = self.workdir / f"first_epoch_{i}"
+            ov = self.overrides(run_dir / "feature_cache", run_dir / "runs")  # fresh, empty feature cache
+            cmd = [sys.executable, "-u", str(PROJECT / "train.py"), "--epochs", "1", "--n_folder", "bench",
+                   "--gpu", "0" if self.device.type == "cuda" else "-1"]
+            for k, v in ov.items():
+                cmd += ["--set", f"{k}={v}"]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=PROJECT, env=subprocess_env(self.threads), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            t_first_line = t_stage = rss = None
+            feat_s = epoch_s = None
+            tail = []
+            try:
+                for line in proc.stdout:
+                    now = time.perf_counter() - t0
+                    hwm = vm_hwm_mb(proc.pid)  # the process is alive while it prints
+                    if hwm is not None:
+                        rss = hwm if rss is None else max(rss, hwm)
+                    tail = (tail + [line])[-40:]
+                    if t_first_line is None and line.strip():
+                        t_first_line = now
+                    m = re.search(r"features ready in ([0-9.]+)\s*s", line)
+                    if m:
+                        feat_s = float(m.group(1))
+                    if t_stage is None and "Train Stage: 1/" in line:
+                        t_stage = now
+                        m = re.search(r"([0-9.]+)s\)\s*$", line.strip())
+                        epoch_s = float(m.group(1)) if m else None
+                rc = proc.wait(timeout=SUBPROCESS_TIMEOUT_S)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            wall = time.perf_counter() - t0
+            if rc != 0 or t_stage is None:
+                raise RuntimeError(f"train.py exited with {rc} before/after 'Train Stage: 1/': {''.join(tail)[-1500:]}")
+            first.append(t_stage)
+            total.append(wall)
+            if rss is not None:
+                peak.append(rss)
+            if t_first_line is not None:
+                startup.append(t_first_line)
+            if feat_s is not None:
+                feats.append(feat_s)
+            if epoch_s is not None:
+                epoch.append(epoch_s)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        self.record("first_epoch_seconds", first)
+        self.record("first_epoch_process_seconds", total)
+        self.record("first_epoch_startup_seconds", startup)
+        self.record("first_epoch_features_seconds", feats)
+        self.record("first_epoch_train_seconds", epoch)
+        self.record("first_epoch_peak_rss_mb", peak)
+
+    # ---- all
+    def run(self) -> dict:
+        args = self.args
+        self.result.update({
+            "quick": bool(self.quick), "runs": self.runs, "threads": self.threads, "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(0) if self.device.type == "cuda" else cpu_model(),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "numpy_version": np.__version__, "librosa_version": _librosa_version(),
+            "loadavg_start": loadavg(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        self.section("corpus", self.make_corpus)
+        if self.corpus is None:
+            raise RuntimeError(f"could not generate the benchmark corpus: {self.errors.get('corpus')}")
+        self.section("mfcc", self.bench_mfcc)
+        self.section("mfcc_cold", self.bench_mfcc_cold)
+        self.section("training", self.bench_training)
+        self.section("matmul", self.bench_matmul)
+        self.section("embedding", self.bench_embedding)
+        self.section("scoring", self.bench_scoring)
+        if not args.skip_first_epoch:
+            self.section("first_epoch", self.bench_first_epoch)
+        r = self.result
+        if r.get("step_flops_per_s") and r.get("matmul_peak_flops_per_s"):
+            r["flops_vs_peak"] = r["step_flops_per_s"] / r["matmul_peak_flops_per_s"]
+        rss = peak_rss_mb()
+        r["peak_rss_mb"] = round(rss, 1) if rss is not None else None
+        r["rss_after_section_mb"] = self.rss_by_section
+        r["loadavg_end"] = loadavg()
+        r["stats"] = self.stats
+        r["errors"] = self.errors
+        missing = [k for k in REQUIRED_KEYS if not _is_positive_number(r.get(k))]
+        if missing:
+            self.errors["missing"] = f"no value for {', '.join(missing)}"
+        return r
+
+
+def _librosa_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("librosa")
+    except Exception:
+        return None
+
+
+def _is_positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+TABLE = [
+    ("MFCC extraction, warm (1 process)", "mfcc_utts_per_s", "utt/s", 1.0),
+    ("  x real time", "mfcc_x_realtime", "x", 1.0),
+    ("MFCC extraction, worker pool", "mfcc_parallel_utts_per_s", "utt/s", 1.0),
+    ("  x real time", "mfcc_parallel_x_realtime", "x", 1.0),
+    ("MFCC first call, fresh process", "mfcc_cold_seconds", "s", 1.0),
+    ("  second call", "mfcc_cold_warm_call_seconds", "s", 1.0),
+    ("  with an empty numba cache", "mfcc_cold_nocache_seconds", "s", 1.0),
+    ("Training, real input path", "train_crops_per_s", "crops/s", 1.0),
+    ("Training, in-memory reference", "reference_crops_per_s", "crops/s", 1.0),
+    ("  train / reference", "train_vs_reference", "", 1.0),
+    ("  same, median of per-run ratios", "train_vs_reference_paired", "", 1.0),
+    ("  input path alone, per batch", "input_seconds_per_step", "ms", 1e3),
+    ("FLOPs per training step (analytic)", "step_flops", "GFLOP", 1e-9),
+    ("  FlopCounterMode", "step_flops_counted", "GFLOP", 1e-9),
+    ("Achieved (training)", "step_flops_per_s", "GFLOP/s", 1e-9),
+    ("Matmul peak", "matmul_peak_flops_per_s", "GFLOP/s", 1e-9),
+    ("  training / peak", "flops_vs_peak", "", 1.0),
+    ("Embedding (EER.embed_dataset)", "embed_utts_per_s", "utt/s", 1.0),
+    ("Embedding, one fixed batch", "embed_fixed_batch_utts_per_s", "utt/s", 1.0),
+    ("Cosine scoring", "score_trials_per_s", "trials/s", 1.0),
+    ("First epoch, cold (train.py)", "first_epoch_seconds", "s", 1.0),
+    ("  start-up (imports)", "first_epoch_startup_seconds", "s", 1.0),
+    ("  features", "first_epoch_features_seconds", "s", 1.0),
+    ("  epoch", "first_epoch_train_seconds", "s", 1.0),
+    ("Peak RSS (benchmark process)", "peak_rss_mb", "MiB", 1.0),
+    ("Peak RSS (train.py, first epoch)", "first_epoch_peak_rss_mb", "MiB", 1.0),
+]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    av = abs(v)
+    if av >= 1e5:
+        return f"{v:,.0f}"
+    if av >= 100:
+        return f"{v:.0f}"
+    if av >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def format_table(r: dict) -> str:
+    stats = r.get("stats", {})
+    head = f"{'measurement':38s} {'median':>12s} {'min':>10s} {'max':>10s} {'n':>3s}  unit"
+    lines = [head, "-" * len(head)]
+    for label, key, unit, scale in TABLE:
+        v = r.get(key)
+        st = stats.get(key, {})
+        lo, hi = st.get("min"), st.get("max")
+        lines.append(f"{label:38s} {_fmt(v * scale if v is not None else None):>12s} "
+                     f"{_fmt(lo * scale if lo is not None else None):>10s} "
+                     f"{_fmt(hi * scale if hi is not None else None):>10s} {st.get('n', ''):>3}  {unit}")
+    lines.append("")
+    lines.append(f"{r.get('model')} | batch {r.get('batch_size')} x {r.get('crop_frames')} frames | "
+                 f"device {r.get('device')} ({r.get('device_name')}) | {r.get('threads')} threads | "
+                 f"torch {r.get('torch_version')} | load {r.get('loadavg_start')} -> {r.get('loadavg_end')}")
+    lines.append(f"timed step: {r.get('train_step_source')}")
+    if r.get("errors"):
+        lines.append("ERRORS: " + "; ".join(f"{k}: {v}" for k, v in r["errors"].items()))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Benchmark features, training throughput, FLOPs, embedding, scoring, "
+                                             "memory and start-up time on a generated corpus.")
+    ap.add_argument("--json", default=None, help="write the results to this JSON file")
+    ap.add_argument("--quick", action="store_true", help="fast smoke mode (small sizes, 2 runs)")
+    ap.add_argument("--runs", type=int, default=None, help="repetitions of every measurement (default 5; quick 2)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads, also OMP_NUM_THREADS of subprocesses (default: torch's default)")
+    ap.add_argument("--gpu", action="store_true", help="training, matmul peak and embedding on CUDA with autocast")
+    ap.add_argument("--skip_first_epoch", action="store_true", help="leave out the train.py cold-start runs")
+    ap.add_argument("--keep", default=None, help="keep the generated corpus and runs in this folder (default: temp)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        print("error: --runs must be at least 1", file=sys.stderr)
+        return 2
+    if args.gpu and not torch.cuda.is_available():
+        print("error: --gpu given but CUDA is not available (torch " + torch.__version__ + ")", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    if args.keep:
+        workdir = Path(args.keep).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        cleanup = None
+    else:
+        cleanup = tempfile.TemporaryDirectory(prefix="speaker_bench_")
+        workdir = Path(cleanup.name)
+    try:
+        result = Bench(args, workdir).run()
+    finally:
+        if cleanup is not None:
+            cleanup.cleanup()
+    print(format_table(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, allow_nan=False, default=str) + "\n", encoding="utf-8")
+        print(f"results written to {out}")
+    return 1 if result.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

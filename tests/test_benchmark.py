@@ -1,0 +1,105 @@
+"""benchmark.py: the --quick smoke run writes every documented number, consistently.
+
+The timings themselves are not checked (the test machine is shared and noisy); what is checked is
+that each required key is a finite positive number, that the derived keys are the ratios they claim
+to be, and that the analytic FLOP count agrees with torch's FlopCounterMode.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+if str(PROJECT) not in sys.path:
+    sys.path.insert(0, str(PROJECT))
+
+import benchmark  # noqa: E402
+import config  # noqa: E402
+import speaker_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run([sys.executable, str(PROJECT / "benchmark.py"), "--quick", "--threads", "1",
+                           "--json", str(out)], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"benchmark.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "train / reference" in proc.stdout  # the readable table was printed
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def test_required_keys_are_finite_positive_numbers(quick_result):
+    r = quick_result
+    assert r["errors"] == {}
+    for key in benchmark.REQUIRED_KEYS:
+        assert key in r, key
+        assert positive(r[key]), (key, r[key])
+    for key in ("mfcc_utts_per_s", "mfcc_cold_seconds", "first_epoch_seconds", "embed_fixed_batch_utts_per_s",
+                "step_flops_counted", "reference_flops_per_s", "train_vs_reference_paired",
+                "input_seconds_per_step"):
+        assert positive(r[key]), (key, r[key])
+    if Path("/proc/self/status").is_file():  # train.py's peak memory is read from /proc
+        assert positive(r["first_epoch_peak_rss_mb"])
+    assert r["quick"] is True and r["threads"] == 1 and r["device"] == "cpu"
+    assert r["torch_version"] and r["cpu_model"]
+    cfg = config.load_config()  # the benchmark measures the model and loss of config.yaml
+    assert r["model"] == speaker_model.describe(cfg["model"], cfg["loss"]) and r["crop_frames"] == 200
+
+
+def test_derived_keys_are_the_ratios_they_claim(quick_result):
+    r = quick_result
+    assert r["train_vs_reference"] == pytest.approx(r["train_crops_per_s"] / r["reference_crops_per_s"], rel=1e-9)
+    assert r["flops_vs_peak"] == pytest.approx(r["step_flops_per_s"] / r["matmul_peak_flops_per_s"], rel=1e-9)
+    assert r["step_flops_per_s"] == pytest.approx(r["step_flops"] / r["batch_size"] * r["train_crops_per_s"],
+                                                  rel=1e-9)
+    assert r["matmul_peak_flops_per_s"] == max(r["matmul_by_size"].values())
+    # first epoch: start-up (first output line) < the "Train Stage: 1/" line <= end of the process
+    assert r["first_epoch_startup_seconds"] < r["first_epoch_seconds"] <= r["first_epoch_process_seconds"]
+
+
+def test_spreads_bracket_the_medians(quick_result):
+    r = quick_result
+    for key in ("train_crops_per_s", "reference_crops_per_s", "mfcc_x_realtime", "embed_utts_per_s",
+                "score_trials_per_s", "first_epoch_seconds"):
+        st = r["stats"][key]
+        assert st["n"] == len(st["samples"]) >= 1
+        assert st["min"] <= st["q1"] <= st["median"] <= st["q3"] <= st["max"]
+        assert st["median"] == r[key]
+
+
+def test_analytic_flops_match_flop_counter(quick_result):
+    r = quick_result
+    assert abs(r["step_flops"] - r["step_flops_counted"]) <= 0.05 * r["step_flops_counted"]
+    assert r["step_flops_rel_diff"] <= 0.05
+    # the textbook 6 x MACs overcounts only the first layer's input gradient
+    assert r["step_flops"] < r["step_flops_rule_of_three"] <= 1.05 * r["step_flops"]
+
+
+@pytest.mark.parametrize("model_cfg,loss_type", [
+    ({"name": "xvector", "pooling": "stats", "embedding_size": 32, "channels": 64}, "amsoftmax"),
+    ({"name": "xvector", "pooling": "asp", "embedding_size": 32, "channels": 64}, "aamsoftmax"),
+    ({"name": "ecapa", "pooling": "asp", "embedding_size": 32, "channels": 64}, "softmax"),
+])
+def test_analytic_flops_other_architectures(model_cfg, loss_type):
+    model = speaker_model.build_model(model_cfg, 20)
+    head = speaker_model.build_loss({"type": loss_type, "scale": 30.0, "margin": 0.2}, model_cfg["embedding_size"], 10)
+    analytic = benchmark.analytic_step_flops(model, head, 4, 20, 60, 10)["step_flops"]
+    counted = benchmark.counted_step_flops(model, head, 4, 20, 60, 10)
+    assert analytic == pytest.approx(counted, rel=0.05)
+
+
+def test_summarize():
+    st = benchmark.summarize([3.0, 1.0, 2.0, 10.0])
+    assert st["median"] == 2.5 and st["min"] == 1.0 and st["max"] == 10.0 and st["n"] == 4
+    assert st["q1"] <= st["median"] <= st["q3"] and st["iqr"] == st["q3"] - st["q1"]
+    one = benchmark.summarize([4.0])
+    assert one["median"] == one["q1"] == one["q3"] == 4.0 and one["iqr"] == 0.0

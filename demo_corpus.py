@@ -33,9 +33,9 @@ from config import PROJECT_ROOT, normalize_relpath, resolve_path
 SR = 16000
 DEMO_ROOT = PROJECT_ROOT / "data" / "demo_corpus"
 FILES_DIR = PROJECT_ROOT / "files"
-VERSION = 2
+VERSION = 3
 DEFAULTS = dict(n_train_speakers=200, n_test_speakers=20, utts_per_speaker=5, test_utts_per_speaker=10,
-                seed=20240901, min_seconds=3.0, max_seconds=5.0)
+                seed=20240901, min_seconds=4.0, max_seconds=7.0)
 
 # Average adult-male formants F1-F4 (Hz) of ten vowels (Peterson & Barney 1952 / Hillenbrand 1995).
 VOWELS = np.array([
@@ -53,8 +53,8 @@ def speaker_traits(rng: np.random.Generator) -> dict:
         f0=float(rng.uniform(165, 255) if female else rng.uniform(85, 150)),
         f0_range=float(rng.uniform(0.05, 0.20)),
         vtl=float(vtl),
-        formant_offsets=np.exp(rng.normal(0.0, 0.12, 4)).tolist(),
-        vowel_offsets=np.exp(rng.normal(0.0, 0.08, VOWELS.shape)).tolist(),   # personal vowel "accent"
+        formant_offsets=np.exp(rng.normal(0.0, 0.18, 4)).tolist(),
+        vowel_offsets=np.exp(rng.normal(0.0, 0.12, VOWELS.shape)).tolist(),   # personal vowel "accent"
         bandwidth_scale=float(rng.uniform(0.7, 1.6)),
         tilt=float(rng.uniform(0.80, 0.97)),
         breathiness=float(rng.uniform(0.01, 0.25)),

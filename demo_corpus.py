@@ -28,19 +28,20 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-from config import PROJECT_ROOT, normalize_relpath, resolve_path
+from config import PROJECT_ROOT, resolve_path
 
 SR = 16000
 DEMO_ROOT = PROJECT_ROOT / "data" / "demo_corpus"
 FILES_DIR = PROJECT_ROOT / "files"
-VERSION = 3
+VERSION = 4
 DEFAULTS = dict(n_train_speakers=200, n_test_speakers=20, utts_per_speaker=5, test_utts_per_speaker=10,
-                seed=20240901, min_seconds=4.0, max_seconds=7.0)
+                seed=20240901, min_seconds=4.0, max_seconds=7.0, n_vowels=6)
 
 # Average adult-male formants F1-F4 (Hz) of ten vowels (Peterson & Barney 1952 / Hillenbrand 1995).
+# Ordered so that any prefix spans the vowel space: i, a, u, e, o, ae, I, U, ^, er.
 VOWELS = np.array([
-    [270, 2290, 3010, 3500], [390, 1990, 2550, 3450], [530, 1840, 2480, 3500], [660, 1720, 2410, 3400],
-    [730, 1090, 2440, 3300], [570, 840, 2410, 3350], [440, 1020, 2240, 3300], [300, 870, 2240, 3300],
+    [270, 2290, 3010, 3500], [730, 1090, 2440, 3300], [300, 870, 2240, 3300], [530, 1840, 2480, 3500],
+    [570, 840, 2410, 3350], [660, 1720, 2410, 3400], [390, 1990, 2550, 3450], [440, 1020, 2240, 3300],
     [640, 1190, 2390, 3400], [490, 1350, 1690, 3300],
 ], dtype=np.float64)
 BASE_BANDWIDTHS = np.array([60.0, 90.0, 120.0, 180.0, 250.0])
@@ -80,8 +81,9 @@ def _glottal_source(f0: np.ndarray, jitter: float, rng) -> np.ndarray:
     return pulses
 
 
-def synthesize(traits: dict, rng: np.random.Generator, seconds: float) -> np.ndarray:
-    """One utterance (float32, peak-normalised) of a speaker with ``traits``."""
+def synthesize(traits: dict, rng: np.random.Generator, seconds: float, n_vowels: int = len(VOWELS)) -> np.ndarray:
+    """One utterance (float32, peak-normalised) of a speaker with ``traits``, its vowels drawn from the
+    first ``n_vowels`` of ``VOWELS``."""
     n = int(seconds * SR)
     # Content: segments of vowels (V), fricatives (F) and pauses (P).
     bounds, kinds, t = [0], [], 0
@@ -111,7 +113,7 @@ def synthesize(traits: dict, rng: np.random.Generator, seconds: float) -> np.nda
         seg_len = b - a
         ramp = np.minimum(1.0, np.minimum(np.arange(seg_len), np.arange(seg_len)[::-1]) / (0.01 * SR))
         if kind == "V":
-            v = rng.integers(len(VOWELS))
+            v = rng.integers(n_vowels)
             formants = (VOWELS[v] * np.asarray(traits["vowel_offsets"][v]) * traits["vtl"] * offsets
                         * np.exp(rng.normal(0, 0.02, 4)))
             freqs = np.append(formants, traits["f5"])
@@ -179,7 +181,7 @@ def _generate_one(args) -> None:
     traits = speaker_traits(np.random.default_rng((seed, s)))
     rng = np.random.default_rng((seed, s, u + 1))
     seconds = rng.uniform(params["min_seconds"], params["max_seconds"])
-    wav = synthesize(traits, rng, seconds)
+    wav = synthesize(traits, rng, seconds, params.get("n_vowels", len(VOWELS)))
     path = Path(root) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.wav")

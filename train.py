@@ -47,6 +47,47 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, inconsistent resume, ...)."""
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss of a step was NaN or infinite (on some rank); the step was not applied."""
+
+
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, x: torch.Tensor,
+               y: torch.Tensor, amp_dtype: torch.dtype | None = None, info=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step, the inner loop of ``train.train``.
+
+    ``net(x, y) -> (loss, acc)`` is the embedding network and loss head together
+    (``distributed.ModelWithHead``, or its DistributedDataParallel wrapper). Moves the batch to the
+    network's device, runs the forward pass (under ``torch.autocast`` when ``amp_dtype`` is given),
+    refuses a non-finite loss before touching the weights (on every rank at once when ``info`` is a
+    distributed ``DistInfo``), zeroes the gradients, (scaled) backward, optimiser step, scaler update,
+    LR-scheduler step. Returns the detached ``(loss, acc)``.
+
+    ``benchmark.py`` times this same function.
+    """
+    import distributed as dd
+    device = next(net.parameters()).device
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    if amp_dtype is not None:
+        with torch.autocast(device.type, dtype=amp_dtype):
+            loss, acc = net(x, y)
+    else:
+        loss, acc = net(x, y)
+    bad = not bool(torch.isfinite(loss))
+    if info is not None and info.distributed:
+        bad = dd.any_rank(bad, info)  # all ranks stop at the same step, none waits forever
+    if bad:
+        raise NonFiniteLoss(f"loss became {loss.item()}" if not torch.isfinite(loss) else
+                            "the loss became non-finite on another process")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach(), acc.detach()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train an x-vector / ECAPA-TDNN speaker embedding network.")
     ap.add_argument("--config", default=None, help="YAML config with the keys to change (default: config.yaml)")
@@ -321,17 +362,11 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                     continue
                 if hasattr(head, "margin") and warm_margin > 0:
                     head.margin = margin * min(1.0, (epoch - 1 + step / steps_per_epoch) / warm_margin)
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, acc = trainer(x, y)
-                if dd.any_rank(not torch.isfinite(loss), info):
-                    raise TrainingError(_diverged(f"loss became {loss.item()}", epoch, step + 1, folder))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                try:
+                    loss, acc = train_step(trainer, optimizer, scheduler, scaler, x, y,
+                                           amp_dtype if use_amp else None, info)
+                except NonFiniteLoss as e:
+                    raise TrainingError(_diverged(str(e), epoch, step + 1, folder)) from None
                 n = y.shape[0]
                 sums["loss"] += loss.item() * n
                 sums["acc"] += acc.item() * n

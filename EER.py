@@ -677,6 +677,7 @@ def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, de
             import report as report_mod
             md, html = report_mod.write_report(Path(checkpoint).parent, log=log)
             result["report"] = str(html)
+    log(f"ROC curve: {Path(out_dir) / 'roc.png'}")
     return result
 
 

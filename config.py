@@ -236,6 +236,39 @@ def validate(cfg: dict) -> None:
         key = "train.crop_frames"
         raise ConfigError(f"{src(key)}: key '{key}' is {cfg['train']['crop_frames']}, but the x-vector "
                           f"consumes {XVECTOR_CONTEXT} frames of context; use more than {XVECTOR_CONTEXT} (100 = 1 s)")
+    if "augment" in cfg:
+        _validate_augment(cfg)
+
+
+def _validate_augment(cfg: dict) -> None:
+    """Checks of the ``augment:`` section (probabilities, ranges, noise types, speed factors)."""
+    aug = cfg["augment"]
+
+    def fail(key: str, what: str) -> None:
+        dotted = f"augment.{key}"
+        raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}' {what}, got {aug[key]!r}")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    for key in ("copies", "time_masks", "max_time", "freq_masks", "max_freq"):
+        if aug[key] < 0:
+            fail(key, "must be 0 or more")
+    for key in ("noise_prob", "reverb_prob", "gain_prob", "speed_prob"):
+        if not 0.0 <= aug[key] <= 1.0:
+            fail(key, "is a probability and must be between 0 and 1")
+    for key in ("snr_db", "rt60", "gain_db"):
+        v = aug[key]
+        if len(v) != 2 or not all(number(x) for x in v) or v[0] > v[1]:
+            fail(key, "must be a range [low, high] of two numbers with low <= high")
+    if aug["rt60"][0] <= 0:
+        fail("rt60", "must be positive (seconds)")
+    bad = [t for t in aug["noise_types"] if t not in ("white", "pink", "babble")]
+    if bad:
+        fail("noise_types", f"may only list white, pink, babble ({bad} unknown)")
+    if not all(number(f) and 0.5 <= f <= 2.0 for f in aug["speed_factors"]):
+        fail("speed_factors", "must be a list of speed factors between 0.5 and 2 (e.g. [0.9, 1.1])")
+    if (aug["speed_prob"] > 0 or aug["speed_as_new_speakers"]) and not aug["speed_factors"]:
+        fail("speed_factors", "must not be empty when speed perturbation is on")
 
 
 def config_path_value(cfg: dict, dotted: str) -> Path:

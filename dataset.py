@@ -9,6 +9,12 @@ from ``features.n_mels`` mel bands), per-utterance mean normalisation, float32 a
 ``(n_mfcc, frames)``. They are computed once per utterance (in parallel) and cached in memory and on
 disk (``features.cache_dir``), so an epoch never re-reads audio.
 
+Augmentation (``augment:`` config section, off by default): ``load_training_features`` adds offline
+augmented copies of the training utterances (``augment.py``: noise, reverberation, gain, speed),
+made once with a fixed seed and cached next to the clean features under a key that includes the
+augmentation settings; ``SpkTrainDataset`` crops from the clean or an augmented version and can
+apply SpecAugment to the crop. Test utterances are never augmented.
+
 Faults: every manifest/trial problem is listed together with file and line numbers. Unusable
 audio (missing, 0 bytes, truncated WAV, not audio, NaN/inf samples, silent, shorter than
 ``features.min_seconds``) is one problem line per file; ``load_features`` raises one DataError
@@ -31,6 +37,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
+import augment
 from config import config_path_value, key_source, normalize_relpath, resolve_path
 
 MAX_LISTED_PROBLEMS = 20
@@ -277,16 +284,27 @@ def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
 
 def _extract_all(paths: list[Path], feat_cfg: dict, workers: int | None = None, desc: str = "MFCC"):
     """``(features or None per path, problems, (original rate, channels) per path)``."""
-    from tqdm import tqdm
     jobs = [(Path(p), feat_cfg) for p in paths]
+    results = _run_jobs(_extract_one, jobs, workers, desc)
+    feats = [r[0] for r in results]
+    problems = [r[1] for r in results if r[1] is not None]
+    infos = [r[2] for r in results]
+    return feats, problems, infos
+
+
+def _run_jobs(fn, jobs: list, workers: int | None, desc: str, initializer=_ignore_sigint, initargs=()) -> list:
+    """``[fn(job) for job in jobs]`` with a progress bar; in a process pool (``initializer(*initargs)``
+    in each worker) when ``workers > 1`` (default: up to 8) and there are 64 jobs or more. A dying
+    worker or any other pool failure is one DataError."""
+    from tqdm import tqdm
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     if workers > 1 and len(jobs) >= 64:
         import multiprocessing as mp
         from concurrent.futures.process import BrokenProcessPool
         ctx = mp.get_context("fork") if sys.platform != "win32" else None
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs)
         try:
-            results = list(tqdm(pool.map(_extract_one, jobs, chunksize=16), total=len(jobs),
+            results = list(tqdm(pool.map(fn, jobs, chunksize=16), total=len(jobs),
                                 desc=desc, unit="utt", leave=False, file=sys.stderr))
         except BrokenProcessPool as e:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -301,11 +319,8 @@ def _extract_all(paths: list[Path], feat_cfg: dict, workers: int | None = None, 
             raise DataError(f"feature extraction failed ({type(e).__name__}: {_one_line(e, 200)})") from None
         pool.shutdown(wait=True)
     else:
-        results = [_extract_one(j) for j in tqdm(jobs, desc=desc, unit="utt", leave=False, file=sys.stderr)]
-    feats = [r[0] for r in results]
-    problems = [r[1] for r in results if r[1] is not None]
-    infos = [r[2] for r in results]
-    return feats, problems, infos
+        results = [fn(j) for j in tqdm(jobs, desc=desc, unit="utt", leave=False, file=sys.stderr)]
+    return results
 
 
 def extract_features(paths: list[Path], feat_cfg: dict, workers: int | None = None,
@@ -404,6 +419,193 @@ def _raise_audio_problems(problems: list[str]) -> None:
                     "manifest, or set data.bad_audio: skip to leave them out of training")
 
 
+# --------------------------------------------------------------------------- augmented copies
+BABBLE_POOL = 32          # training utterances (distinct speakers) that babble noise is mixed from
+BABBLE_MAX_SECONDS = 6.0  # each trimmed to this length
+
+
+def augmentation_active(aug_cfg: dict | None) -> bool:
+    """True when the ``augment:`` settings ask for offline copies (``copies > 0``) or speed copies
+    as new speakers; False for the defaults (training then runs exactly as without augmentation)."""
+    return augment.settings(aug_cfg)["copies"] > 0 or bool(new_speaker_factors(aug_cfg))
+
+
+def new_speaker_factors(aug_cfg: dict | None) -> list[float]:
+    """Speed factors whose copies are new speakers (``augment.speed_as_new_speakers``), 1.0 left out."""
+    s = augment.settings(aug_cfg)
+    if not s["speed_as_new_speakers"]:
+        return []
+    out: list[float] = []
+    for f in s["speed_factors"]:
+        if float(f) != 1.0 and float(f) not in out:
+            out.append(float(f))
+    return out
+
+
+def speed_speaker(speaker: str, factor: float) -> str:
+    """Name of the new speaker made of ``speaker``'s utterances at ``factor`` speed: ``S0001_sp0.9``."""
+    return f"{speaker}_sp{factor:g}"
+
+
+@dataclass
+class TrainingFeatures:
+    """Training features with their augmented copies (``load_training_features``).
+
+    ``versions[j]``: the versions of training item ``j``, each ``(n_mfcc, frames)`` float32: the clean
+    features first, then the ``augment.copies`` augmented ones. ``items[j]``: ``(index into paths,
+    speed factor)``, factor 1.0 for the utterance itself, else a speed copy that is a new speaker.
+    ``kept``/``problems`` as from ``load_features``; ``cache_file``: the augmented-copy cache (or None).
+    """
+    versions: list
+    items: list
+    kept: list
+    problems: list
+    cache_file: Path | None = None
+
+
+_BABBLE_BANK: list = []   # (speaker, waveform) pairs, set in each extraction worker
+
+
+def _set_babble_bank(bank) -> None:
+    """Pool initializer: the babble bank for this worker (and Ctrl-C left to the main process)."""
+    global _BABBLE_BANK
+    _BABBLE_BANK = list(bank)
+    _ignore_sigint()
+
+
+def _augment_one(args):
+    """``(list of feature arrays or None, problem or None)`` for one kept training file: its
+    ``copies`` augmented versions, then for each new-speaker speed factor the sped-up clean version and
+    its ``copies`` augmented versions. Copy ``k`` of speed version ``j`` (0: original speed) draws from
+    ``default_rng((augment.seed, index, j, k))``."""
+    index, path, speaker, feat_cfg, aug, factors = args
+    try:
+        sr = feat_cfg["sample_rate"]
+        wav = _read_audio(path, sr)[0]
+        others = [w for spk, w in _BABBLE_BANK if spk != speaker]
+        out = []
+        for j, factor in enumerate([1.0] + list(factors)):
+            base = wav if j == 0 else augment.change_speed(wav, factor)
+            if j > 0:
+                out.append(mfcc(base, feat_cfg))
+            for k in range(aug["copies"]):
+                rng = np.random.default_rng((aug["seed"], index, j, k))
+                out.append(mfcc(augment.augment_waveform(base, rng, aug, others=others, sr=sr), feat_cfg))
+        bad = [f for f in out if not np.all(np.isfinite(f))]
+        if bad:
+            return None, f"{path}: augmented features are not finite (NaN/inf MFCCs)"
+        return out, None
+    except DataError as e:
+        return None, _one_line(e, 400)
+    except Exception as e:  # one line, never a worker traceback
+        return None, f"{path}: augmentation failed ({type(e).__name__}: {_one_line(e, 120)})"
+
+
+def _babble_bank(paths: list[Path], speakers: list[str], kept: list[int], feat_cfg: dict, aug: dict) -> list:
+    """Up to ``BABBLE_POOL`` clean training utterances of distinct speakers (seeded by ``augment.seed``),
+    each at most ``BABBLE_MAX_SECONDS`` long, as ``(speaker, waveform)``; empty when no babble is asked for."""
+    if aug["copies"] <= 0 or aug["noise_prob"] <= 0 or "babble" not in aug["noise_types"]:
+        return []
+    rng = np.random.default_rng((aug["seed"], 7919))
+    by_speaker: dict[str, list[int]] = {}
+    for i in kept:
+        by_speaker.setdefault(speakers[i], []).append(i)
+    names = sorted(by_speaker)
+    chosen = rng.choice(len(names), size=min(BABBLE_POOL, len(names)), replace=False)
+    sr = feat_cfg["sample_rate"]
+    bank = []
+    for c in sorted(int(c) for c in chosen):
+        idx = by_speaker[names[c]]
+        i = idx[int(rng.integers(0, len(idx)))]
+        wav = _read_audio(paths[i], sr)[0]
+        bank.append((names[c], wav[: int(BABBLE_MAX_SECONDS * sr)].copy()))
+    return bank
+
+
+def _aug_cache_file(paths: list[Path], feat_cfg: dict, aug: dict, kept: list[int], speakers: list[str],
+                    cache_dir: Path) -> Path:
+    """Cache of the augmented copies: keyed on the clean cache's key (files, feature settings) plus the
+    offline augmentation settings (``augment.offline_signature``), the kept files and their speakers."""
+    h = hashlib.sha1(_cache_file(paths, feat_cfg, cache_dir).name.encode())
+    h.update(json.dumps(augment.offline_signature(aug), sort_keys=True).encode())
+    h.update(json.dumps([int(i) for i in kept]).encode())
+    h.update(json.dumps(list(speakers), ensure_ascii=False).encode())
+    return cache_dir / f"mfcc_aug_{h.hexdigest()[:20]}.npz"
+
+
+def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dict, aug_cfg: dict | None,
+                           policy: str = "error", log=print, desc: str = "MFCC",
+                           workers: int | None = None) -> TrainingFeatures:
+    """Clean features (``load_features``, its own cache unchanged) plus the offline augmented copies.
+
+    ``speakers[i]``: speaker of ``paths[i]`` (babble noise never mixes in the utterance's own speaker).
+    ``aug_cfg``: the ``augment:`` config section. Each kept utterance gets ``copies`` augmented
+    versions (random chains of ``augment.augment_waveform``, seeded by ``augment.seed``, the file's
+    index and the copy number); with ``speed_as_new_speakers`` every speed factor adds an item (sped
+    clean version + its ``copies`` augmented versions). The copies are computed once (in a process
+    pool like the clean features) and cached next to the clean features (``features.cache_dir``) in a
+    file whose key includes the augmentation settings. With augmentation off every item has one
+    version, the clean features themselves.
+    """
+    paths = [Path(p) for p in paths]
+    feats, kept, problems = load_features(paths, feat_cfg, policy=policy, log=log, desc=desc, workers=workers)
+    aug = augment.settings(aug_cfg)
+    factors = new_speaker_factors(aug)
+    items = [(i, 1.0) for i in kept] + [(i, f) for f in factors for i in kept]
+    if not augmentation_active(aug):
+        return TrainingFeatures([[f] for f in feats], items, kept, problems)
+    per_utt = aug["copies"] + len(factors) * (aug["copies"] + 1)
+    cache_dir_value = feat_cfg.get("cache_dir", "")
+    cache_file = (_aug_cache_file(paths, feat_cfg, aug, kept, speakers, resolve_path(cache_dir_value))
+                  if cache_dir_value else None)
+    extra = None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            with np.load(cache_file) as z:
+                data, offsets, layout = z["data"], z["offsets"], z["layout"]
+            if (layout.tolist() != [len(kept), aug["copies"], len(factors)]
+                    or len(offsets) != len(kept) * per_utt + 1 or offsets[-1] != data.shape[1]):
+                raise ValueError("inconsistent cache")
+            extra = [data[:, offsets[j]:offsets[j + 1]] for j in range(len(offsets) - 1)]
+        except (OSError, KeyError, ValueError, EOFError):
+            log(f"note: ignoring unreadable augmented-feature cache {cache_file}")
+    if extra is None:
+        bank = _babble_bank(paths, speakers, kept, feat_cfg, aug)
+        jobs = [(i, paths[i], speakers[i], feat_cfg, aug, factors) for i in kept]
+        what = f"{desc} augmented x{aug['copies']}" + (f" + speed {factors}" if factors else "")
+        global _BABBLE_BANK
+        saved, _BABBLE_BANK = _BABBLE_BANK, bank  # used directly when the jobs run in this process
+        try:
+            results = _run_jobs(_augment_one, jobs, workers, what, initializer=_set_babble_bank, initargs=(bank,))
+        finally:
+            _BABBLE_BANK = saved
+        bad = [r[1] for r in results if r[1] is not None]
+        if bad:
+            raise DataError(f"augmenting {len(bad)} training file(s) failed: {'; '.join(bad[:MAX_LISTED_PROBLEMS])}")
+        extra = [f for r in results for f in r[0]]
+        if cache_file is not None and extra:
+            from checkpoint import atomic_write
+            offsets = np.cumsum([0] + [f.shape[1] for f in extra])
+            data = np.concatenate(extra, axis=1)
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, data=data, offsets=offsets,
+                             layout=np.asarray([len(kept), aug["copies"], len(factors)], dtype=np.int64))
+            try:
+                atomic_write(cache_file, write)
+            except Exception as e:  # only costs time next run
+                log(f"note: augmented-feature cache not written ({_one_line(e, 200)})")
+            extra = [data[:, offsets[j]:offsets[j + 1]] for j in range(len(extra))]
+    k = aug["copies"]
+    versions = [[feats[u]] + extra[u * per_utt: u * per_utt + k] for u in range(len(kept))]
+    for j in range(len(factors)):
+        for u in range(len(kept)):
+            first = u * per_utt + k + j * (k + 1)
+            versions.append(extra[first: first + k + 1])
+    return TrainingFeatures(versions, items, kept, problems, cache_file)
+
+
 # --------------------------------------------------------------------------- datasets
 def repeat_to(feat: np.ndarray, frames: int) -> np.ndarray:
     """Repeat an utterance along time until it has at least ``frames`` frames."""
@@ -422,23 +624,59 @@ class SpkTrainDataset(Dataset):
     a resumed run sees the same crops as an uninterrupted one. Utterances shorter than the crop are
     repeat-padded.
 
-    Attributes: ``speakers`` (sorted speaker names, index = class id), ``utterances``, ``labels``,
-    ``skipped`` (problems of files left out under ``data.bad_audio: skip``).
+    Augmentation (``augment:`` section, off by default; then all of the above is exactly as without
+    it): with ``augment.copies`` K > 0 every utterance has K offline augmented versions besides the
+    clean one (``load_training_features``, cached), and each epoch item ``i`` is cropped from one of
+    its K + 1 versions, chosen by the same ``(train.seed, epoch, i)`` generator: one item per
+    utterance and epoch as before. ``augment.spec_augment`` masks each crop (same generator). With
+    ``augment.speed_as_new_speakers`` the speed copies are extra items of new speakers
+    (``S0001_sp0.9``): ``speakers`` and the number of items grow.
+
+    Attributes: ``speakers`` (sorted speaker names, index = class id), ``utterances`` (one per item;
+    speed copies carry the new speaker name and the original relpath), ``labels``, ``skipped``
+    (problems of files left out under ``data.bad_audio: skip``), ``features`` (clean features per
+    item), ``versions`` (per item, clean + augmented features; None without offline augmentation),
+    ``speeds`` (per item, 1.0 or the new-speaker speed factor).
     """
 
     def __init__(self, opts: dict, log=print):
         self.root = config_path_value(opts, "data.root")
         utts = check_training_data(opts)
-        feats, kept, self.skipped = load_features([self.root / u.relpath for u in utts], opts["features"],
-                                                  policy=opts["data"]["bad_audio"], log=log, desc="train MFCC")
+        aug = augment.settings(opts.get("augment"))
+        self.versions = None
+        self.speeds = None
+        paths = [self.root / u.relpath for u in utts]
+        if augmentation_active(aug):
+            tf = load_training_features(paths, [u.speaker for u in utts], opts["features"], aug,
+                                        policy=opts["data"]["bad_audio"], log=log, desc="train MFCC")
+            kept, self.skipped = tf.kept, tf.problems
+            self.utterances = [utts[i] if f == 1.0 else Utterance(speed_speaker(utts[i].speaker, f), utts[i].relpath,
+                                                                  utts[i].line) for i, f in tf.items]
+            self.speeds = [f for _, f in tf.items]
+            feats = [v[0] for v in tf.versions]
+            log(f"augmentation: {aug['copies']} offline cop{'y' if aug['copies'] == 1 else 'ies'} per utterance"
+                + (f", speed copies {', '.join(f'{f:g}' for f in new_speaker_factors(aug))} as new speakers"
+                   if new_speaker_factors(aug) else "")
+                + (", SpecAugment on crops" if aug["spec_augment"] else ""))
+        else:
+            feats, kept, self.skipped = load_features(paths, opts["features"], policy=opts["data"]["bad_audio"],
+                                                      log=log, desc="train MFCC")
+            self.utterances = [utts[i] for i in kept]
+            if aug["spec_augment"]:
+                log("augmentation: SpecAugment on crops")
         if self.skipped:
             log(f"warning: skipped {len(self.skipped)} unusable training file(s) (data.bad_audio: skip)")
-        self.utterances = [utts[i] for i in kept]
         self.speakers = sorted({u.speaker for u in self.utterances})
         index = {s: i for i, s in enumerate(self.speakers)}
         self.labels = [index[u.speaker] for u in self.utterances]
         self.crop_frames = opts["train"]["crop_frames"]
         self.features = [repeat_to(f, self.crop_frames) for f in feats]
+        if augmentation_active(aug):
+            self.versions = [[self.features[j]] + [repeat_to(f, self.crop_frames) for f in v[1:]]
+                             for j, v in enumerate(tf.versions)]
+        self.spec_augment = bool(aug["spec_augment"])
+        self.spec_masks = dict(n_time_masks=int(aug["time_masks"]), max_time=int(aug["max_time"]),
+                               n_freq_masks=int(aug["freq_masks"]), max_freq=int(aug["max_freq"]))
         self.seed = opts["train"]["seed"]
         self.epoch = 0
 
@@ -448,11 +686,24 @@ class SpkTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.features)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        feat = self.features[i]
+    def choose(self, i: int) -> tuple[int, int, np.random.Generator]:
+        """``(version, crop start, generator)`` of item ``i`` this epoch (version 0 = clean); the
+        generator is left where SpecAugment continues drawing."""
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        n_versions = 1 if self.versions is None else len(self.versions[i])
+        version = 0 if n_versions == 1 else int(rng.integers(0, n_versions))
+        feat = self.features[i] if version == 0 else self.versions[i][version]
         high = feat.shape[1] - self.crop_frames
-        start = 0 if high <= 0 else int(np.random.default_rng((self.seed, self.epoch, i)).integers(0, high + 1))
-        return torch.from_numpy(feat[:, start:start + self.crop_frames]), self.labels[i]
+        start = 0 if high <= 0 else int(rng.integers(0, high + 1))
+        return version, start, rng
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        version, start, rng = self.choose(i)
+        feat = self.features[i] if version == 0 else self.versions[i][version]
+        crop = feat[:, start:start + self.crop_frames]
+        if self.spec_augment:
+            crop = augment.spec_augment(crop, rng, **self.spec_masks)
+        return torch.from_numpy(crop), self.labels[i]
 
     @staticmethod
     def collate_fn(batch):

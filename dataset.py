@@ -642,6 +642,7 @@ class SpkTrainDataset(Dataset):
     def __init__(self, opts: dict, log=print):
         self.root = config_path_value(opts, "data.root")
         utts = check_training_data(opts)
+        self.manifest_speakers = {u.speaker for u in utts}
         aug = augment.settings(opts.get("augment"))
         self.versions = None
         self.speeds = None

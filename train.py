@@ -248,10 +248,11 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
         t0 = time.perf_counter()
         dataset = SpkTrainDataset(cfg, log=log)
-    n_classes = len(dataset.speakers)
-    if speaker_size is not None and speaker_size != n_classes:
-        raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has {n_classes} "
-                          f"speakers; drop --speaker_size or fix the manifest")
+    n_classes = len(dataset.speakers)  # speed-perturbed copies as new speakers count as classes too
+    n_manifest_speakers = len({u.speaker for u in dataset.utterances if u.speaker in dataset.manifest_speakers})
+    if speaker_size is not None and speaker_size != n_manifest_speakers:
+        raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has "
+                          f"{n_manifest_speakers} speakers; drop --speaker_size or fix the manifest")
     if n_classes < 2:
         raise DataError(f"{cfg['data']['train_manifest']}: training needs at least 2 speakers, found {n_classes}"
                         + (f" after skipping {len(dataset.skipped)} unusable file(s)" if dataset.skipped else ""))

@@ -33,9 +33,9 @@ from config import PROJECT_ROOT, resolve_path
 SR = 16000
 DEMO_ROOT = PROJECT_ROOT / "data" / "demo_corpus"
 FILES_DIR = PROJECT_ROOT / "files"
-VERSION = 4
+VERSION = 5
 DEFAULTS = dict(n_train_speakers=200, n_test_speakers=20, utts_per_speaker=5, test_utts_per_speaker=10,
-                seed=20240901, min_seconds=4.0, max_seconds=7.0, n_vowels=6)
+                seed=20240901, min_seconds=4.0, max_seconds=7.0, n_vowels=4)
 
 # Average adult-male formants F1-F4 (Hz) of ten vowels (Peterson & Barney 1952 / Hillenbrand 1995).
 # Ordered so that any prefix spans the vowel space: i, a, u, e, o, ae, I, U, ^, er.

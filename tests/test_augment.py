@@ -3,7 +3,6 @@ SpecAugment masks, offline augmented copies (cache, key, crops), and "off by def
 Everything is small: one-second signals and the 32-utterance tiny corpus of conftest.py."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

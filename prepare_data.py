@@ -852,6 +852,29 @@ def _at_least_two(text: str) -> int:
     return value
 
 
+def prepare_eval_only(root: Path, out: Path, seed: int = 0, test_utts_per_speaker: int = 0,
+                      max_trials: int | None = None, log=print) -> dict:
+    """An evaluation set from every speaker under ``root``: ``test_set.txt`` and ``trials.txt`` only.
+
+    For scoring a trained model on another corpus (e.g. the AISHELL sample): all speakers are test
+    speakers, ``test_utts_per_speaker`` (0 = all) of their utterances in name order, all pairs (or a
+    balanced sample of ``max_trials``). Returns ``{"speakers", "utterances", "n_target", "n_nontarget"}``.
+    """
+    speakers = collect(root)
+    rows = [(spk, rel) for spk in sorted(speakers)
+            for rel in sorted(speakers[spk])[: test_utts_per_speaker or None]]
+    if len({spk for spk, _ in rows}) < 2:
+        raise PrepareError(f"{root}: an evaluation set needs at least 2 speakers, found {len(speakers)}")
+    pairs, n_t, n_n = trial_pairs([spk for spk, _ in rows], max_trials, random.Random(seed))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_lines(out / "test_set.txt", (f"{spk} {rel}" for spk, rel in rows))
+    _write_lines(out / "trials.txt", (f"{rows[i][1]} {rows[j][1]} {lab}" for i, j, lab in pairs))
+    log(f"evaluation set: {len(speakers)} speakers, {len(rows)} utterances, {n_t} target / {n_n} non-target "
+        f"trials in {out}; score it with: python EER.py --set test.root={root} "
+        f"--set test.test_manifest={out / 'test_set.txt'} --set test.trials={out / 'trials.txt'} ...")
+    return {"speakers": sorted(speakers), "utterances": len(rows), "n_target": n_t, "n_nontarget": n_n}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="prepare_data.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -879,6 +902,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unpack archives found under --root (AISHELL-1's wav/SXXXX.tar.gz, data_aishell.tgz) "
                          "next to themselves; members that would land outside are refused")
     ap.add_argument("--dry_run", action="store_true", help="show what would be chosen; write and unpack nothing")
+    ap.add_argument("--eval_only", action="store_true",
+                    help="write only test_set.txt and trials.txt, with every speaker under --root as a test "
+                         "speaker (to score a trained model on another corpus); uses --test_utts_per_speaker "
+                         "(0 = all), --max_trials, --seed")
     return ap
 
 
@@ -887,6 +914,12 @@ def main(argv=None) -> int:
     try:
         root = Path(os.path.abspath(resolve_path(args.root, base=Path.cwd())))
         out = Path(os.path.abspath(resolve_path(args.out, base=Path.cwd()))) if args.out else FILES_DIR
+        if args.eval_only:
+            if not args.out:
+                raise PrepareError("--eval_only needs --out (a folder of its own, so files/ keeps its manifests)")
+            prepare_eval_only(root, out, seed=args.seed, test_utts_per_speaker=args.test_utts_per_speaker,
+                              max_trials=args.max_trials)
+            return 0
         summary = prepare(root, out, seed=args.seed, train_speakers=args.train_speakers,
                           utts_per_speaker=args.utts_per_speaker, test_speakers=args.test_speakers,
                           test_utts_per_speaker=args.test_utts_per_speaker, max_trials=args.max_trials,

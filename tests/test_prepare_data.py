@@ -494,3 +494,29 @@ def test_too_few_training_speakers_uses_what_is_there(generic, tmp_path):
     train, test = check_outputs(generic, tmp_path)
     assert len(test) == 2 and len(train) == 7                 # 10 speakers, short1 has 2 < 3, 2 test
     assert any("only 7 of the 50 requested training speakers" in w for w in summary["warnings"])
+
+
+def test_eval_only_all_pairs_of_every_speaker(tmp_path):
+    sample = SHARED / "aishell_sample"
+    if not sample.is_dir():
+        pytest.skip(f"real-speech sample not found at {sample} (../shared/data is absent)")
+    out = tmp_path / "eval"
+    assert pd.main(["--root", str(sample), "--eval_only", "--test_utts_per_speaker", "0",
+                              "--out", str(out)]) == 0
+    test = read_manifest(out / "test_set.txt")
+    trials = read_trials(out / "trials.txt")
+    assert {u.speaker for u in test} == {"S0150", "S0252"} and len(test) == 40
+    assert len(trials) == 40 * 39 // 2
+    spk = {u.relpath: u.speaker for u in test}
+    assert sum(t.label for t in trials) == 2 * (20 * 19 // 2)
+    assert all(t.label == int(spk[t.enroll] == spk[t.test]) for t in trials)
+    assert all((sample / u.relpath).is_file() for u in test)
+
+
+def test_eval_only_needs_its_own_out_folder(tmp_path, capsys):
+    root = tmp_path / "c"
+    for spk in ("a", "b"):
+        (root / spk).mkdir(parents=True)
+        sf.write(root / spk / "x.wav", np.zeros(1600, dtype=np.float32), 16000)
+    assert pd.main(["--root", str(root), "--eval_only"]) == 2
+    assert "--eval_only needs --out" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from config import ConfigError, config_path_value, explicit_keys, load_config, p
 from dataset import (DataError, SpkTestDataset, check_root, load_audio, mfcc, overlap_warning, read_manifest,
                      read_trials)
 from demo_corpus import ensure_demo_corpus
-from extract import checkpoint_features, cli_path, embed_features, embed_files, write_embeddings
+from embedding import checkpoint_features, cli_path, embed_features, embed_files, select_device, write_embeddings
 from speaker_model import model_from_checkpoint
 
 BACKENDS = ("cosine", "plda")
@@ -688,7 +688,6 @@ def main(argv=None) -> int:
         if args.n_folder is not None:  # (None would also drop a --set train.n_folder=...)
             overrides["train.n_folder"] = args.n_folder
         cfg = load_config(args.config, overrides)
-        from train import select_device
         device = select_device(args.gpu)
         checkpoint = None if args.baseline else resolve_checkpoint(cfg, args.cp_num, args.checkpoint)
         evaluate(cfg, checkpoint, resolve_path(args.out) if args.out else None, device=device,

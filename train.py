@@ -38,6 +38,7 @@ from checkpoint import (CheckpointError, atomic_write, describe_mismatch, epoch_
 from config import ConfigError, config_path_value, load_config, parse_override, public_config
 from dataset import DataError, SpkTrainDataset, check_training_data, feature_signature
 from demo_corpus import ensure_demo_corpus
+from embedding import select_device
 from speaker_model import build_loss, build_model, describe
 
 INTERRUPTED = "interrupted.pth"
@@ -120,16 +121,6 @@ def config_from_args(args: argparse.Namespace) -> dict:
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})  # unset flags keep --set values
     return load_config(args.config, overrides)
-
-
-def select_device(gpu: str | None) -> torch.device:
-    if gpu is not None and str(gpu).strip() in ("-1", "cpu"):
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(gpu) if gpu is not None else 0}")
-    if gpu is not None:
-        print(f"note: --gpu {gpu} asked for, but CUDA is not available; training on the CPU")
-    return torch.device("cpu")
 
 
 def lr_lambda(cfg_train: dict, steps_per_epoch: int):

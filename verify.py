@@ -33,7 +33,7 @@ import scoring  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from config import ConfigError, config_path_value, load_config, parse_override, resolve_path  # noqa: E402
 from dataset import DataError  # noqa: E402
-from extract import checkpoint_features, cli_path, embed_files  # noqa: E402
+from embedding import checkpoint_features, cli_path, embed_files, select_device  # noqa: E402
 
 P_TARGETS = (0.5, 0.01)
 
@@ -207,7 +207,6 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
         checkpoint = cli_path(args.checkpoint) if args.checkpoint \
             else config_path_value(cfg, "test.model_path")
-        from train import select_device
         verify(cfg, checkpoint, [resolve_path(p, base=Path.cwd()) for p in enroll],
                [resolve_path(p, base=Path.cwd()) for p in test], threshold=args.threshold,
                eval_dir=resolve_path(args.eval, base=Path.cwd()) if args.eval else None,

@@ -3,7 +3,8 @@
 The two runs cannot agree exactly: with DDP each process normalises BatchNorm over its own half of
 the batch, and ``DistributedSampler`` draws another (seeded) order than the single-process loader.
 The comparison therefore checks what a user relies on: only rank 0 writes, the files are the same,
-every epoch's loss matches the single-process curve within 15 %, and the DDP run learns as well.
+every epoch's loss matches the single-process curve within 15 % (measured: 7 % at most; with a global
+batch of 8, i.e. BatchNorm over 4 crops per process, the gap reached 15 %), and the DDP run learns.
 tests/test_distributed.py checks the exact equivalence of the DDP primitives themselves.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _losses(folder: Path) -> list[float]:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo is tested on Linux")
 def test_torchrun_two_processes_match_one_process(tmp_path, write_config_yaml, make_config):
-    extra = {"train.epochs": 3, "train.batchsize": 8, "train.lr": 0.002}
+    extra = {"train.epochs": 3, "train.batchsize": 16, "train.lr": 0.002}
     ddp_cfg = write_config_yaml(tmp_path / "ddp", extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

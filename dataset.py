@@ -623,6 +623,14 @@ def repeat_to(feat: np.ndarray, frames: int) -> np.ndarray:
     return np.tile(feat, (1, reps))
 
 
+def equal_length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by identical length (batched embedding without padding is exact)."""
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_len.setdefault(int(n), []).append(i)
+    return [idx[j:j + batch_size] for _, idx in sorted(by_len.items()) for j in range(0, len(idx), batch_size)]
+
+
 class SpkTrainDataset(Dataset):
     """Training utterances as random fixed-length MFCC crops with speaker labels.
 
@@ -750,10 +758,7 @@ class SpkTestDataset(Dataset):
         return torch.from_numpy(self.features[i]), self.utterances[i].relpath
 
     def equal_length_batches(self, batch_size: int) -> list[list[int]]:
-        by_len: dict[int, list[int]] = {}
-        for i, f in enumerate(self.features):
-            by_len.setdefault(f.shape[1], []).append(i)
-        return [idx[j:j + batch_size] for _, idx in sorted(by_len.items()) for j in range(0, len(idx), batch_size)]
+        return equal_length_batches([f.shape[1] for f in self.features], batch_size)
 
     @staticmethod
     def collate_fn(batch):

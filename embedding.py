@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import atomic_write
 from config import resolve_path
-from dataset import DataError, feature_signature, load_features
+from dataset import DataError, equal_length_batches, feature_signature, load_features
 
 
 def select_device(gpu: str | None) -> torch.device:
@@ -44,14 +44,6 @@ def checkpoint_features(cfg: dict, state: dict, log=print, cache: bool = True) -
     if feature_signature(feat_cfg) != feature_signature(cfg["features"]):
         log("note: using the checkpoint's feature settings, which differ from the config's")
     return feat_cfg
-
-
-def equal_length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by identical length (batched embedding without padding is exact)."""
-    by_len: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_len.setdefault(int(n), []).append(i)
-    return [idx[j:j + batch_size] for _, idx in sorted(by_len.items()) for j in range(0, len(idx), batch_size)]
 
 
 @torch.no_grad()

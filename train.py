@@ -38,6 +38,7 @@ from checkpoint import (CheckpointError, atomic_write, describe_mismatch, epoch_
 from config import ConfigError, config_path_value, load_config, parse_override, public_config
 from dataset import DataError, SpkTrainDataset, check_training_data, feature_signature
 from demo_corpus import ensure_demo_corpus
+import distributed as dd
 from embedding import select_device
 from speaker_model import build_loss, build_model, describe
 
@@ -66,7 +67,6 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
 
     ``benchmark.py`` times this same function.
     """
-    import distributed as dd
     device = next(net.parameters()).device
     x = x.to(device, non_blocking=True)
     y = y.to(device, non_blocking=True)
@@ -214,7 +214,6 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     ``dist_info`` (``distributed.DistInfo``, from ``torchrun``): ``train.batchsize`` is then the global
     batch, split evenly over the processes; only rank 0 writes files.
     """
-    import distributed as dd
     info = dist_info or dd.DistInfo(device=device or torch.device("cpu"))
     device = info.device if dist_info is not None else (device or torch.device("cpu"))
     if not info.is_main:
@@ -287,7 +286,6 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             start_epoch = state["epoch"] + 1
             skip_steps = state.get("step_in_epoch", 0)
             if skip_steps:
-                start_epoch = state["epoch"] + 1
                 partial = dict(state["partial"])
             log(f"resuming from {path.name}: epoch {state['epoch']} done"
                 + (f", {skip_steps} steps into epoch {start_epoch}" if skip_steps else ""))
@@ -296,14 +294,12 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     if info.is_main:
         atomic_write(folder / "config.yaml", lambda tmp: tmp.write_text(
             yaml.safe_dump(public_config(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8"))
-    if not info.is_main:
-        pass
-    elif dataset.skipped:
-        atomic_write(folder / "skipped_files.txt",
-                     lambda tmp: tmp.write_text("\n".join(dataset.skipped) + "\n", encoding="utf-8"))
-        log(f"the {len(dataset.skipped)} skipped file(s) are listed in {folder / 'skipped_files.txt'}")
-    elif (folder / "skipped_files.txt").is_file() and not resume:
-        (folder / "skipped_files.txt").unlink()  # from an earlier run: this one skipped nothing
+        if dataset.skipped:
+            atomic_write(folder / "skipped_files.txt",
+                         lambda tmp: tmp.write_text("\n".join(dataset.skipped) + "\n", encoding="utf-8"))
+            log(f"the {len(dataset.skipped)} skipped file(s) are listed in {folder / 'skipped_files.txt'}")
+        elif (folder / "skipped_files.txt").is_file() and not resume:
+            (folder / "skipped_files.txt").unlink()  # from an earlier run: this one skipped nothing
 
     train_model = model
     if compile_model:
@@ -485,7 +481,6 @@ def main(argv=None) -> int:
         device = select_device(args.gpu)
         info = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: DistributedDataParallel
-            import distributed as dd
             info = dd.setup_distributed(use_cuda=device.type == "cuda")
             device = info.device
         if info is None or info.is_main:

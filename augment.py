@@ -16,9 +16,9 @@ the ``augment:`` section of ``config.yaml``; ``dataset.load_training_features`` 
 offline augmented copies (Kaldi x-vector recipe style) and ``dataset.SpkTrainDataset`` applies
 ``spec_augment`` online to the training crops.
 
-Note on gain: the features are mean-normalised MFCCs, so a constant gain only shifts c0 by a
-constant that the normalisation removes; ``gain`` changes the waveform but the features hardly at all.
-It matters only for un-normalised features.
+Note on gain: with per-utterance mean normalisation (``features.mean_norm``, the default) a constant
+gain only shifts c0 by a constant that the normalisation removes, so ``gain`` changes the waveform but
+the features hardly at all; it matters for un-normalised features, whose c0 carries the level.
 """
 from __future__ import annotations
 
@@ -320,18 +320,22 @@ def spec_augment(feat: np.ndarray, rng: np.random.Generator, n_time_masks: int =
     """SpecAugment-style masks on an MFCC array.
 
     feat: ``(n_mfcc, frames)`` array (a training crop). ``n_time_masks`` ranges of 1..``max_time``
-    frames and ``n_freq_masks`` ranges of 1..``max_freq`` MFCC coefficients (rows) are set to 0, which
-    is the utterance mean after the per-utterance mean normalisation. The ranges of one kind never
-    overlap or touch. The input is not modified; returns a float32 copy, and with ``return_masks``
-    also ``{"time": [(start, stop), ...], "freq": [...]}`` (stop exclusive).
+    frames and ``n_freq_masks`` ranges of 1..``max_freq`` MFCC coefficients (rows) are replaced by each
+    coefficient's mean over the crop: masked frames carry no detail but the crop's average spectrum,
+    and a masked coefficient keeps its level. (With per-utterance mean normalisation that mean is
+    about 0, the usual zero mask; without it, 0 would be a value no real frame has, c0 being the log
+    energy.) The ranges of one kind never overlap or touch. The input is not modified; returns a
+    float32 copy, and with ``return_masks`` also ``{"time": [(start, stop), ...], "freq": [...]}``
+    (stop exclusive).
     """
     out = np.array(feat, dtype=np.float32, copy=True)
+    mean = out.mean(axis=1, keepdims=True)
     freq = _disjoint_ranges(rng, out.shape[0], n_freq_masks, max_freq)
     time = _disjoint_ranges(rng, out.shape[1], n_time_masks, max_time)
     for a, b in freq:
-        out[a:b, :] = 0.0
+        out[a:b, :] = mean[a:b]
     for a, b in time:
-        out[:, a:b] = 0.0
+        out[:, a:b] = mean
     return (out, {"time": time, "freq": freq}) if return_masks else out
 
 
@@ -341,7 +345,8 @@ def choose_chain(rng: np.random.Generator, cfg_augment: dict | None) -> list[str
     ``speed, reverb, noise, gain``, each with its ``*_prob``. Speed is only used when
     ``speed_as_new_speakers`` is off (else the speed copies are separate speakers). If none of
     speed/reverb/noise was drawn, one of those with a positive probability is forced, so that a copy
-    never differs from the clean utterance by gain alone (which the mean-normalised MFCCs undo)."""
+    never differs from the clean utterance by gain alone (which mean-normalised MFCCs undo): so a
+    gain-only chain needs the other probabilities set to 0."""
     s = settings(cfg_augment)
     probs = {"speed": 0.0 if s["speed_as_new_speakers"] else float(s["speed_prob"]),
              "reverb": float(s["reverb_prob"]), "noise": float(s["noise_prob"]) if s["noise_types"] else 0.0,

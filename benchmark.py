@@ -53,6 +53,22 @@ matmul_peak_flops_per_s         measured matmul peak on this machine, same threa
                                 dtype, n = 4096 and 8192)
 flops_vs_peak                   ``step_flops_per_s / matmul_peak_flops_per_s``: how much of the
                                 machine's dense-matmul speed training achieves
+gemm_seconds_per_step           the step's own matrix products (``layer_gemms``: per Conv1d/Linear the
+                                forward, weight-gradient and input-gradient product) timed as plain
+                                ``torch.matmul`` calls on contiguous fp32 matrices of exactly those
+                                shapes, summed (median per product over the runs)
+gemm_ceiling_flops_per_s        ``step_flops / gemm_seconds_per_step``: what a step could reach if
+                                everything else (BatchNorm, ReLU, pooling, copies, Adam) were free
+gemm_ceiling_vs_peak            ``gemm_ceiling_flops_per_s / matmul_peak_flops_per_s``: the upper bound
+                                of ``flops_vs_peak`` at these layer shapes (small ``k``/``n`` run below
+                                the square-matmul peak)
+reference_vs_gemm_ceiling       ``reference_flops_per_s / gemm_ceiling_flops_per_s``: how close the
+                                step is to its own GEMMs
+gemm_by_layer                   per product: shape, seconds and FLOP/s
+compiled_reference_crops_per_s  (``--compile`` only) the reference loop with the network wrapped in
+                                ``torch.compile`` (as ``train.py --compile``); ``compiled_flops_per_s``,
+                                ``compiled_flops_vs_peak``, ``compiled_vs_reference`` (speed-up over the
+                                eager reference) and ``compile_seconds`` (the first, compiling step)
 mfcc_utts_per_s                 warm feature extraction (``dataset.extract_features`` = ``load_audio``
                                 + ``mfcc`` per file, one process), utterances per second
 mfcc_x_realtime                 the same as seconds of audio processed per second of wall time
@@ -331,15 +347,15 @@ def timed_steps(step_fn, parts, batches, steps: int, amp_dtype, device: torch.de
 # --------------------------------------------------------------------------------------------------
 # FLOPs
 # --------------------------------------------------------------------------------------------------
-def analytic_step_flops(model: nn.Module, head: nn.Module, batch: int, n_mfcc: int, frames: int,
-                        n_classes: int) -> dict:
-    """FLOPs of one training step (forward + backward) at ``batch``, from layer shapes.
+def layer_gemms(model: nn.Module, head: nn.Module, batch: int, n_mfcc: int, frames: int) -> list[dict]:
+    """The matrix products of one training step, one entry per Conv1d/Conv2d/Linear (and a margin
+    head's cosine matmul), from layer shapes.
 
     A forward pass of the embedding network on the meta device (shapes only, no arithmetic) records
-    each Conv1d/Conv2d/Linear's output shape; MACs = output elements x (input channels / groups) x
-    kernel size (x ``in_features`` for Linear). The loss head is counted from its weights: a Linear
-    (softmax) or the cosine matmul with ``W`` (margin heads), ``batch x embedding x classes`` MACs.
-    Forward 2 MACs, weight gradient 2 MACs, input gradient 2 MACs where that input needs a gradient
+    each layer's output shape. Each entry is ``{"layer", "m", "k", "n", "groups", "input_grad"}``: the
+    forward product is ``groups`` times an ``(m, k) @ (k, n)`` matmul (``m`` output positions, ``k`` =
+    input channels per group x kernel size, ``n`` output channels per group), whose MACs are
+    ``groups * m * k * n``; ``input_grad`` says whether the backward pass also needs the input gradient
     (not for the first layer, which sees the data).
     """
     m = copy.deepcopy(model).to("meta").train()
@@ -347,10 +363,15 @@ def analytic_step_flops(model: nn.Module, head: nn.Module, batch: int, n_mfcc: i
 
     def hook(module, inputs, output):
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            per_out = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            groups = module.groups
+            k = (module.in_channels // groups) * math.prod(module.kernel_size)
+            n = module.out_channels // groups
+            positions = output.numel() // module.out_channels
         else:  # Linear
-            per_out = module.in_features
-        records.append((type(module).__name__, output.numel() * per_out, bool(inputs[0].requires_grad)))
+            groups, k, n = 1, module.in_features, module.out_features
+            positions = output.numel() // module.out_features
+        records.append({"layer": type(module).__name__, "m": positions, "k": k, "n": n, "groups": groups,
+                        "input_grad": bool(inputs[0].requires_grad)})
 
     handles = [mod.register_forward_hook(hook) for mod in m.modules()
                if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear))]
@@ -362,15 +383,57 @@ def analytic_step_flops(model: nn.Module, head: nn.Module, batch: int, n_mfcc: i
     linears = [mod for mod in head.modules() if isinstance(mod, nn.Linear)]
     if linears:
         for lin in linears:
-            records.append(("head_linear", batch * lin.in_features * lin.out_features, True))
+            records.append({"layer": "head_linear", "m": batch, "k": lin.in_features, "n": lin.out_features,
+                            "groups": 1, "input_grad": True})
     else:
         W = getattr(head, "W", None)
         if isinstance(W, torch.Tensor) and W.dim() == 2:  # cosine logits: (batch, emb) @ (emb, classes)
-            records.append(("head_cosine_matmul", batch * W.numel(), True))
-    macs = sum(r[1] for r in records)
-    flops = sum(2 * r[1] * (3 if r[2] else 2) for r in records)
+            records.append({"layer": "head_cosine_matmul", "m": batch, "k": W.shape[0], "n": W.shape[1],
+                            "groups": 1, "input_grad": True})
+    return records
+
+
+def gemm_flops(g: dict) -> float:
+    """Training-step FLOPs of one ``layer_gemms`` entry: 2 MACs forward, 2 for the weight gradient,
+    2 for the input gradient where it is needed."""
+    return 2.0 * g["groups"] * g["m"] * g["k"] * g["n"] * (3 if g["input_grad"] else 2)
+
+
+def analytic_step_flops(model: nn.Module, head: nn.Module, batch: int, n_mfcc: int, frames: int,
+                        n_classes: int) -> dict:
+    """FLOPs of one training step (forward + backward) at ``batch``, from layer shapes
+    (``layer_gemms``): forward 2 MACs, weight gradient 2 MACs, input gradient 2 MACs where that input
+    needs a gradient (not for the first layer, which sees the data).
+    """
+    gemms = layer_gemms(model, head, batch, n_mfcc, frames)
+    macs = sum(g["groups"] * g["m"] * g["k"] * g["n"] for g in gemms)
+    flops = sum(gemm_flops(g) for g in gemms)
     return {"step_flops": float(flops), "step_macs_forward": float(macs), "step_flops_rule_of_three": float(6 * macs),
-            "layers_counted": len(records)}
+            "layers_counted": len(gemms)}
+
+
+def gemm_seconds(g: dict, device: torch.device, reps: int) -> float:
+    """Median seconds of the plain matmuls one ``layer_gemms`` entry costs in a training step:
+    forward ``(m, k) @ (k, n)``, weight gradient ``(k, m) @ (m, n)``, input gradient ``(m, n) @ (n, k)``
+    (where needed), on contiguous fp32 matrices, each times ``groups``; the median over ``reps``."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(g["m"], g["k"], generator=gen).to(device)
+    w = torch.randn(g["k"], g["n"], generator=gen).to(device)
+    d = torch.randn(g["m"], g["n"], generator=gen).to(device)
+    products = [(a, w), (a.t(), d)] + ([(d, w.t())] if g["input_grad"] else [])
+    total = 0.0
+    for x, y in products:
+        out = torch.empty(x.shape[0], y.shape[1], device=device)
+        torch.matmul(x, y, out=out)
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.matmul(x, y, out=out)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        total += statistics.median(times) * g["groups"]
+    return total
 
 
 def counted_step_flops(model: nn.Module, head: nn.Module, batch: int, n_mfcc: int, frames: int,
@@ -623,6 +686,48 @@ class Bench:
         self.model, self.head = model, head  # reused (in eval mode) by the embedding section
         del dataset, real
 
+    def bench_gemms(self) -> None:
+        """The step's own matrix products as plain matmuls: what the step would cost if everything but
+        its GEMMs were free, at exactly its layer shapes."""
+        cfg, device = self.cfg, self.device
+        batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
+        model = speaker_model.build_model(cfg["model"], n_mfcc)
+        head = speaker_model.build_loss(cfg["loss"], cfg["model"]["embedding_size"], self.result["n_classes"])
+        gemms = layer_gemms(model, head, batch, n_mfcc, frames)
+        reps = max(self.s["matmul_reps"], self.runs)
+        per_layer = []
+        for g in gemms:
+            seconds = gemm_seconds(g, device, reps)
+            per_layer.append({**g, "seconds": seconds, "flops_per_s": gemm_flops(g) / seconds})
+        total = sum(r["seconds"] for r in per_layer)
+        self.result["gemm_seconds_per_step"] = total
+        self.result["gemm_ceiling_flops_per_s"] = sum(gemm_flops(g) for g in gemms) / total
+        self.result["gemm_by_layer"] = per_layer
+
+    def bench_compiled(self) -> None:
+        """``--compile``: the reference loop (in-memory batches) with the embedding network wrapped in
+        ``torch.compile``, as ``train.py --compile`` does."""
+        cfg, device = self.cfg, self.device
+        batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
+        n_classes = self.result["n_classes"]
+        parts = build_training(cfg, n_classes, 1, device)
+        parts[0].model = torch.compile(parts[0].model)
+        parts[0].train()
+        use_amp, amp_dtype = amp_settings(device)
+        amp = amp_dtype if use_amp else None
+        step_fn, _ = resolve_step_function()
+        ref = reference_batches(batch, n_mfcc, frames, n_classes, device)
+        t0 = time.perf_counter()
+        timed_steps(step_fn, parts, ref, 1, amp, device)  # compiles
+        self.result["compile_seconds"] = time.perf_counter() - t0
+        timed_steps(step_fn, parts, ref, self.s["warmup_steps"], amp, device)
+        rates = []
+        for _ in range(self.runs):
+            dt, n = timed_steps(step_fn, parts, ref, self.s["train_steps"], amp, device)
+            rates.append(n / dt)
+        rate = self.record("compiled_reference_crops_per_s", rates)
+        self.result["compiled_flops_per_s"] = self.result["step_flops"] / batch * rate
+
     def bench_matmul(self) -> None:
         device = self.device
         if device.type == "cuda":
@@ -768,13 +873,24 @@ class Bench:
         self.section("mfcc_cold", self.bench_mfcc_cold)
         self.section("training", self.bench_training)
         self.section("matmul", self.bench_matmul)
+        self.section("gemms", self.bench_gemms)
+        if args.compile:
+            self.section("compiled", self.bench_compiled)
         self.section("embedding", self.bench_embedding)
         self.section("scoring", self.bench_scoring)
         if not args.skip_first_epoch:
             self.section("first_epoch", self.bench_first_epoch)
         r = self.result
-        if r.get("step_flops_per_s") and r.get("matmul_peak_flops_per_s"):
-            r["flops_vs_peak"] = r["step_flops_per_s"] / r["matmul_peak_flops_per_s"]
+        peak = r.get("matmul_peak_flops_per_s")
+        if r.get("step_flops_per_s") and peak:
+            r["flops_vs_peak"] = r["step_flops_per_s"] / peak
+        if r.get("gemm_ceiling_flops_per_s") and peak:
+            r["gemm_ceiling_vs_peak"] = r["gemm_ceiling_flops_per_s"] / peak
+            if r.get("reference_flops_per_s"):
+                r["reference_vs_gemm_ceiling"] = r["reference_flops_per_s"] / r["gemm_ceiling_flops_per_s"]
+        if r.get("compiled_flops_per_s") and peak:
+            r["compiled_flops_vs_peak"] = r["compiled_flops_per_s"] / peak
+            r["compiled_vs_reference"] = r["compiled_reference_crops_per_s"] / r["reference_crops_per_s"]
         rss = peak_rss_mb()
         r["peak_rss_mb"] = round(rss, 1) if rss is not None else None
         r["rss_after_section_mb"] = self.rss_by_section
@@ -820,6 +936,14 @@ TABLE = [
     ("Achieved (training)", "step_flops_per_s", "GFLOP/s", 1e-9),
     ("Matmul peak", "matmul_peak_flops_per_s", "GFLOP/s", 1e-9),
     ("  training / peak", "flops_vs_peak", "", 1.0),
+    ("The step's GEMMs alone (plain matmuls)", "gemm_ceiling_flops_per_s", "GFLOP/s", 1e-9),
+    ("  GEMMs / peak (the step's ceiling)", "gemm_ceiling_vs_peak", "", 1.0),
+    ("  reference / GEMMs", "reference_vs_gemm_ceiling", "", 1.0),
+    ("Reference, torch.compile (--compile)", "compiled_reference_crops_per_s", "crops/s", 1.0),
+    ("  achieved", "compiled_flops_per_s", "GFLOP/s", 1e-9),
+    ("  compiled / peak", "compiled_flops_vs_peak", "", 1.0),
+    ("  compiled / eager reference", "compiled_vs_reference", "", 1.0),
+    ("  compile time (first step)", "compile_seconds", "s", 1.0),
     ("Embedding (EER.embed_dataset)", "embed_utts_per_s", "utt/s", 1.0),
     ("Embedding, one fixed batch", "embed_fixed_batch_utts_per_s", "utt/s", 1.0),
     ("Cosine scoring", "score_trials_per_s", "trials/s", 1.0),
@@ -876,6 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch intra-op threads, also OMP_NUM_THREADS of subprocesses (default: torch's default)")
     ap.add_argument("--gpu", action="store_true", help="training, matmul peak and embedding on CUDA with autocast")
     ap.add_argument("--skip_first_epoch", action="store_true", help="leave out the train.py cold-start runs")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the reference loop with torch.compile (needs a C++ compiler on the CPU)")
     ap.add_argument("--keep", default=None, help="keep the generated corpus and runs in this folder (default: temp)")
     return ap
 

@@ -170,13 +170,15 @@ def describe_mismatch(state_config: dict, cfg: dict, sections=MISMATCH_SECTIONS,
     to complain only about what the user asked for, not about shipped defaults the checkpoint
     legitimately overrides. A key the checkpoint does not record is not compared.
     """
-    from dataset import FEATURE_KEYS
+    from dataset import FEATURE_KEYS, LEGACY_FEATURE_DEFAULTS
     out = []
     for section in sections:
         recorded = (state_config or {}).get(section)
         current = cfg.get(section)
         if not isinstance(recorded, dict) or not isinstance(current, dict):
             continue
+        if section == "features":  # a checkpoint from before a key existed used its legacy value
+            recorded = {**LEGACY_FEATURE_DEFAULTS, **recorded}
         keys = FEATURE_KEYS if section == "features" else sorted(set(recorded) | set(current))
         for k in keys:
             dotted = f"{section}.{k}"

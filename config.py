@@ -221,7 +221,7 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"{src(key)}: key '{key}' is {value!r}; choose one of {', '.join(choices)}")
     positive = ["features.sample_rate", "features.n_mfcc", "features.n_mels", "train.epochs",
                 "train.batchsize", "train.crop_frames", "model.embedding_size", "model.channels",
-                "test.batch_size", "train.lr"]
+                "model.stat_channels", "test.batch_size", "train.lr"]
     for key in positive:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"{src(key)}: key '{key}' must be positive, got {get_key(cfg, key)!r}")

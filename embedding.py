@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import atomic_write
 from config import resolve_path
-from dataset import DataError, equal_length_batches, feature_signature, load_features
+from dataset import LEGACY_FEATURE_DEFAULTS, DataError, equal_length_batches, feature_signature, load_features
 
 
 def select_device(gpu: str | None) -> torch.device:
@@ -39,7 +39,7 @@ def cli_path(text: str) -> Path:
 def checkpoint_features(cfg: dict, state: dict, log=print, cache: bool = True) -> dict:
     """Feature settings to embed with: the checkpoint's recorded ones (a model only works with the
     features it was trained on); the disk cache folder comes from ``cfg`` (``cache=False``: none)."""
-    feat_cfg = {**cfg["features"], **state["config"]["features"],
+    feat_cfg = {**cfg["features"], **LEGACY_FEATURE_DEFAULTS, **state["config"]["features"],
                 "cache_dir": cfg["features"]["cache_dir"] if cache else ""}
     if feature_signature(feat_cfg) != feature_signature(cfg["features"]):
         log("note: using the checkpoint's feature settings, which differ from the config's")

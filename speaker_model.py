@@ -25,7 +25,7 @@ LOSSES = {
     "aamsoftmax": "AAMsoftmax",
 }
 
-XVECTOR_STAT_CHANNELS = 1500
+XVECTOR_STAT_CHANNELS = 1500  # the paper's width of the pooled frame layer (model.stat_channels default)
 ASP_ATTENTION_CHANNELS = 128  # attention bottleneck (ECAPA-TDNN paper)
 
 
@@ -50,9 +50,10 @@ def build_model(model_cfg: dict, n_mfcc: int) -> nn.Module:
     name = model_cfg["name"]
     if name == "xvector":
         # asp: the same ECAPA-style pooling (channel-dependent, global context) as for ECAPA-TDNN
-        pool = build_pooling(model_cfg["pooling"], XVECTOR_STAT_CHANNELS, global_context=True)
+        stat_channels = model_cfg.get("stat_channels", XVECTOR_STAT_CHANNELS)  # absent in older checkpoints
+        pool = build_pooling(model_cfg["pooling"], stat_channels, global_context=True)
         return xvector.Xvector(pool, in_channels=n_mfcc, channels=model_cfg["channels"],
-                               stat_channels=XVECTOR_STAT_CHANNELS,
+                               stat_channels=stat_channels,
                                embedding_size=model_cfg["embedding_size"])
     if name == "ecapa":
         channels = model_cfg["channels"]

@@ -314,6 +314,26 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         torch.backends.cudnn.benchmark = True
     # One module holding every trained weight (network + loss head): one DDP wrapper, one all-reduce.
     trainer = dd.wrap_model(dd.ModelWithHead(train_model, head), info)
+    compile_pending = train_model is not model  # torch.compile compiles (and can fail) at the first step
+
+    def step_once(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal trainer, compile_pending
+        if compile_pending:
+            compile_pending = False
+            t0 = time.perf_counter()
+            try:
+                out = train_step(trainer, optimizer, scheduler, scaler, x, y, amp_dtype if use_amp else None, info)
+            except NonFiniteLoss:
+                raise
+            except Exception as e:  # no C++ compiler, unsupported op, ...: the step changed no weight yet
+                reason = " ".join(str(e).split())[:200]
+                log(f"note: torch.compile failed at the first step ({type(e).__name__}: {reason}); "
+                    "training uncompiled")
+                trainer = dd.wrap_model(dd.ModelWithHead(model, head), info)
+            else:
+                log(f"torch.compile: model compiled (first step {time.perf_counter() - t0:.1f}s)")
+                return out
+        return train_step(trainer, optimizer, scheduler, scaler, x, y, amp_dtype if use_amp else None, info)
 
     def base_state(epoch: int) -> dict:
         return {
@@ -351,8 +371,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                 if hasattr(head, "margin") and warm_margin > 0:
                     head.margin = margin * min(1.0, (epoch - 1 + step / steps_per_epoch) / warm_margin)
                 try:
-                    loss, acc = train_step(trainer, optimizer, scheduler, scaler, x, y,
-                                           amp_dtype if use_amp else None, info)
+                    loss, acc = step_once(x, y)
                 except NonFiniteLoss as e:
                     raise TrainingError(_diverged(str(e), epoch, step + 1, folder)) from None
                 n = y.shape[0]

@@ -114,7 +114,7 @@ def test_gain_within_range():
         assert -6 - 1e-3 <= g <= 6 + 1e-3 and out.shape == wav.shape
 
 
-def _zero_runs(mask_1d: np.ndarray) -> list[tuple[int, int]]:
+def _runs(mask_1d: np.ndarray) -> list[tuple[int, int]]:
     runs, start = [], None
     for j, z in enumerate(list(mask_1d) + [False]):
         if z and start is None:
@@ -133,8 +133,9 @@ def test_spec_augment_masks_exactly_the_requested_ranges(masks):
     for seed in range(15):
         out, drawn = augment.spec_augment(feat, np.random.default_rng(seed), n_t, max_t, n_f, max_f, return_masks=True)
         assert feat.tobytes() == before.tobytes()  # the input (a cached array) is never modified
-        rows = _zero_runs(np.all(out == 0, axis=1))
-        cols = _zero_runs(np.all(out == 0, axis=0))
+        mean = feat.mean(axis=1, keepdims=True)  # masks hold each coefficient's mean over the crop
+        rows = _runs(np.all(out == mean, axis=1))
+        cols = _runs(np.all(out == mean, axis=0))
         assert rows == sorted(drawn["freq"]) and len(rows) == n_f
         assert cols == sorted(drawn["time"]) and len(cols) == n_t
         assert all(1 <= b - a <= max_f for a, b in rows) and all(1 <= b - a <= max_t for a, b in cols)
@@ -143,7 +144,8 @@ def test_spec_augment_masks_exactly_the_requested_ranges(masks):
             untouched[a:b] = False
         for a, b in cols:
             untouched[:, a:b] = False
-        assert np.array_equal(out[untouched], feat[untouched]) and np.all(out[~untouched] == 0)
+        assert np.array_equal(out[untouched], feat[untouched])
+        assert np.array_equal(out[~untouched], np.broadcast_to(mean, out.shape)[~untouched])
         again = augment.spec_augment(feat, np.random.default_rng(seed), n_t, max_t, n_f, max_f)
         assert again.tobytes() == out.tobytes()
     outs = {augment.spec_augment(feat, np.random.default_rng(s), n_t, max_t, n_f, max_f).tobytes() for s in range(5)}
@@ -293,9 +295,11 @@ def test_spec_augment_on_crops_is_seeded_like_the_crop(make_config, tmp_path):
         _, start, rng = ds.choose(i)
         ref = ref_crops[1, i]
         assert x.tobytes() == augment.spec_augment(ref, rng, 2, 8, 1, 3).tobytes()  # same crop, then the masks
-        assert len(_zero_runs(np.all(x == 0, axis=0))) == 2 and len(_zero_runs(np.all(x == 0, axis=1))) == 1
+        mean = ref.mean(axis=1, keepdims=True)
+        assert len(_runs(np.all(x == mean, axis=0))) == 2 and len(_runs(np.all(x == mean, axis=1))) == 1
         assert x.tobytes() == ds[i][0].numpy().tobytes()  # deterministic
-    assert not np.any(np.all(ds.features[0] == 0, axis=0))  # the cached features themselves are untouched
+    first = ds.features[0]  # the cached features themselves are untouched
+    assert not np.any(np.all(first == first.mean(axis=1, keepdims=True), axis=0))
 
 
 def test_speed_copies_as_new_speakers_and_train_py_uses_them(make_config, tmp_path):

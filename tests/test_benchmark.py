@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT = Path(__file__).resolve().parents[1]
 if str(PROJECT) not in sys.path:
@@ -64,6 +65,35 @@ def test_derived_keys_are_the_ratios_they_claim(quick_result):
     assert r["matmul_peak_flops_per_s"] == max(r["matmul_by_size"].values())
     # first epoch: start-up (first output line) < the "Train Stage: 1/" line <= end of the process
     assert r["first_epoch_startup_seconds"] < r["first_epoch_seconds"] <= r["first_epoch_process_seconds"]
+
+
+def test_gemm_ceiling_is_the_steps_own_matmuls(quick_result):
+    r = quick_result
+    layers = r["gemm_by_layer"]
+    assert len(layers) == r["layers_counted"]
+    assert sum(g["seconds"] for g in layers) == pytest.approx(r["gemm_seconds_per_step"], rel=1e-9)
+    assert sum(benchmark.gemm_flops(g) for g in layers) == pytest.approx(r["step_flops"], rel=1e-9)
+    assert r["gemm_ceiling_flops_per_s"] == pytest.approx(r["step_flops"] / r["gemm_seconds_per_step"], rel=1e-9)
+    assert r["gemm_ceiling_vs_peak"] == pytest.approx(
+        r["gemm_ceiling_flops_per_s"] / r["matmul_peak_flops_per_s"], rel=1e-9)
+    assert r["reference_vs_gemm_ceiling"] == pytest.approx(
+        r["reference_flops_per_s"] / r["gemm_ceiling_flops_per_s"], rel=1e-9)
+    assert "compiled_reference_crops_per_s" not in r  # only with --compile
+
+
+def test_layer_gemms_of_the_xvector():
+    model = speaker_model.build_model({"name": "xvector", "pooling": "gap", "embedding_size": 16, "channels": 32,
+                                       "stat_channels": 48}, 20)
+    head = speaker_model.build_loss({"type": "softmax", "scale": 30.0, "margin": 0.2}, 16, 10)
+    gemms = benchmark.layer_gemms(model, head, 4, 20, 60)
+    frames = [60 - 4, 60 - 8, 60 - 14, 60 - 14, 60 - 14]  # (5,1), (3,2), (3,3), (1,1), (1,1)
+    shapes = [(4 * f, k, n) for f, k, n in zip(frames, [20 * 5, 32 * 3, 32 * 3, 32, 32], [32, 32, 32, 32, 48])]
+    assert [(g["m"], g["k"], g["n"]) for g in gemms[:5]] == shapes
+    assert [g["input_grad"] for g in gemms[:5]] == [False, True, True, True, True]  # the data needs no gradient
+    assert [(g["layer"], g["m"], g["k"], g["n"]) for g in gemms[5:]] == [("Linear", 4, 48, 16),
+                                                                         ("head_linear", 4, 16, 10)]
+    seconds = benchmark.gemm_seconds(gemms[1], torch.device("cpu"), reps=2)
+    assert 0 < seconds < 1.0
 
 
 def test_spreads_bracket_the_medians(quick_result):

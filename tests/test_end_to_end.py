@@ -286,3 +286,22 @@ def test_amsoftmax_stats_run_trains_and_evaluates(make_config, tmp_path):
     assert state["loss_state"]["W"].shape == (16, len(state["speakers"]))
     metrics_out = EER.evaluate(cfg, result["final_checkpoint"], out_dir=tmp_path / "eval", log=quiet)
     assert 0.0 <= metrics_out["eer"] <= 1.0
+
+
+def test_run_without_mean_normalisation_is_evaluated_without_it(make_config, tmp_path, monkeypatch):
+    cfg = make_config(tmp_path, {"train.epochs": 1, "features.mean_norm": False, "model.stat_channels": 24})
+    result = train.train(cfg, log=quiet)
+    state = checkpoint.load_checkpoint(result["final_checkpoint"])
+    assert state["features"]["mean_norm"] is False
+    assert state["model_state"]["frame_layers.4.conv.weight"].shape[0] == 24  # model.stat_channels
+    seen = []
+    real_mfcc = dataset.mfcc
+
+    def spy(wav, feat_cfg, mean_norm=None):
+        seen.append(feat_cfg.get("mean_norm") if mean_norm is None else mean_norm)
+        return real_mfcc(wav, feat_cfg, mean_norm)
+    monkeypatch.setattr(dataset, "mfcc", spy)
+    default_cfg = make_config(tmp_path)  # the shipped default (true): the checkpoint's setting wins
+    out = EER.evaluate(default_cfg, result["final_checkpoint"], out_dir=tmp_path / "eval", log=quiet)
+    assert seen and set(seen) == {False}
+    assert 0.0 <= out["eer"] <= 1.0

@@ -416,6 +416,41 @@ def test_resume_from_epoch_checkpoint_reproduces_straight_run(make_config, tmp_p
         assert float(rb["lr"]) == pytest.approx(float(ra["lr"]), rel=1e-9)
 
 
+class _Compiled(torch.nn.Module):
+    """Stands in for what torch.compile returns: a wrapper that runs the model..."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+class _FailingCompiled(_Compiled):
+    """... or, on a machine without a working compiler, fails when first run."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("InductorError: CppCompileError: C++ compiler not found")
+
+
+@pytest.mark.parametrize("works", [False, True])
+def test_compile_falls_back_to_eager_when_the_first_step_fails(make_config, tmp_path, monkeypatch, works):
+    reference = train.train(make_config(tmp_path / "eager", {"train.epochs": 1}), log=quiet)["history"]
+    monkeypatch.setattr(torch, "compile", _Compiled if works else _FailingCompiled)
+    lines = []
+    result = train.train(make_config(tmp_path / "compiled", {"train.epochs": 1}), compile_model=True,
+                         log=lambda *a: lines.append(" ".join(map(str, a))))
+    notes = [line for line in lines if "torch.compile" in line]
+    if works:
+        assert len(notes) == 1 and notes[0].startswith("torch.compile: model compiled")
+    else:
+        assert len(notes) == 1 and "torch.compile failed at the first step (RuntimeError" in notes[0]
+        assert "C++ compiler not found" in notes[0] and "training uncompiled" in notes[0]
+    # the failed attempt changed nothing: the run is the uncompiled run, loss for loss
+    assert result["history"][0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-6)
+
+
 def test_resume_with_new_lr_applies_it_and_other_model_is_refused(make_config, tmp_path):
     cfg = make_config(tmp_path, {"train.epochs": 2})
     train.train(cfg, log=quiet, stop_after_steps=1)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import checkpoint
 import config
 import dataset
+import embedding
 import loss
 import metrics
 import pooling
@@ -849,6 +850,53 @@ def test_mfcc_shape_and_mean_normalisation():
     assert feats.dtype == np.float32 and feats.shape[0] == 20
     assert abs(feats.shape[1] - 100) <= 1  # 10 ms hop: about 100 frames per second
     np.testing.assert_allclose(feats.mean(axis=1), 0.0, atol=1e-4)
+
+
+def test_mfcc_without_mean_normalisation_keeps_the_channel():
+    feat_cfg = config.load_config(None, {"features.n_mfcc": 20, "features.mean_norm": False})["features"]
+    wav = _tone(1.0, 16000) + 0.01 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    raw = dataset.mfcc(wav, feat_cfg)
+    normalised = dataset.mfcc(wav, {**feat_cfg, "mean_norm": True})
+    # the only difference is the per-coefficient utterance mean, which is far from 0 for c0
+    np.testing.assert_allclose(raw - raw.mean(axis=1, keepdims=True), normalised, atol=1e-3)
+    assert abs(raw[0].mean()) > 10.0
+    np.testing.assert_array_equal(dataset.mfcc(wav, feat_cfg, mean_norm=True), normalised)
+    # a fixed channel (a 6 dB gain) moves the raw c0 by a constant and leaves normalised MFCCs alone
+    louder = dataset.mfcc(2.0 * wav, feat_cfg)
+    shift = louder[0] - raw[0]
+    assert shift.std() < 0.05 * abs(shift.mean()) and abs(shift.mean()) > 1.0
+    np.testing.assert_allclose(dataset.mfcc(2.0 * wav, {**feat_cfg, "mean_norm": True}), normalised, atol=1e-2)
+
+
+@pytest.mark.parametrize("n_mels,n_mfcc,fmax", [(40, 40, 7600), (80, 80, 8000), (64, 20, 4000)])
+def test_mfcc_equals_librosa_mfcc_of_the_waveform(n_mels, n_mfcc, fmax):
+    # dataset.mfcc unrolls librosa.feature.mfcc(y=...) to cache the filterbank: same numbers
+    import librosa
+    feat_cfg = config.load_config(None, {"features.n_mfcc": n_mfcc, "features.n_mels": n_mels,
+                                         "features.fmax": fmax, "features.mean_norm": False})["features"]
+    wav = np.random.default_rng(n_mels).standard_normal(23_456).astype(np.float32) * 0.1
+    ref = librosa.feature.mfcc(y=wav, sr=16000, n_mfcc=n_mfcc, n_fft=512, hop_length=160, win_length=400,
+                               n_mels=n_mels, fmin=feat_cfg["fmin"], fmax=min(fmax, 8000))
+    for _ in range(2):  # the second call uses the cached filterbank
+        np.testing.assert_allclose(dataset.mfcc(wav, feat_cfg), ref, rtol=0, atol=1e-4)
+    assert dataset._mel_filterbank.cache_info().hits >= 1
+
+
+def test_mean_norm_is_part_of_the_feature_signature_and_legacy_checkpoints_used_it():
+    cfg = config.load_config(None, {})
+    assert cfg["features"]["mean_norm"] is True
+    sig = dataset.feature_signature(cfg["features"])
+    assert sig["mean_norm"] is True
+    legacy = {k: v for k, v in cfg["features"].items() if k != "mean_norm"}
+    assert dataset.feature_signature(legacy) == sig  # written before the key existed: normalised
+    off = config.load_config(None, {"features.mean_norm": False})
+    assert dataset.feature_signature(off["features"]) != sig
+    # a checkpoint from before the key is evaluated with normalisation, whatever the config says ...
+    state = {"config": {"features": legacy}}
+    assert embedding.checkpoint_features(off, state, log=lambda *a: None)["mean_norm"] is True
+    # ... and asking for the other setting explicitly is reported as a mismatch
+    assert checkpoint.describe_mismatch(state["config"], off, sections=("features",)) == [
+        "features.mean_norm: checkpoint True vs config False"]
 
 
 def test_repeat_to_pads_short_utterances():

@@ -251,8 +251,8 @@ def mfcc(wav: np.ndarray, feat_cfg: dict, mean_norm: bool | None = None) -> np.n
     # librosa.feature.mfcc(y=wav, ...) step by step, with the same result, for two measured costs
     # (benchmark.py, "MFCC extraction"): it rebuilds the mel filterbank on every call (a third of the
     # time of a 1-s clip), and its filterbank product is a small matrix product that OpenBLAS splits
-    # over threads, which costs more than it saves (1.5x) and, beside a training process, spins
-    # (8x slower); one BLAS thread per product, parallelism comes from worker processes.
+    # over threads, which costs more than it saves and, beside a training process, spins (8x slower);
+    # one BLAS thread per product, parallelism comes from worker processes.
     with _blas_controller().limit(limits=1, user_api="blas"):
         power = np.abs(librosa.stft(wav, n_fft=n_fft, hop_length=hop, win_length=win)) ** 2
         mel = _mel_filterbank(sr, n_fft, feat_cfg["n_mels"], float(feat_cfg["fmin"]),

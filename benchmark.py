@@ -65,6 +65,36 @@ gemm_ceiling_vs_peak            ``gemm_ceiling_flops_per_s / matmul_peak_flops_p
 reference_vs_gemm_ceiling       ``reference_flops_per_s / gemm_ceiling_flops_per_s``: how close the
                                 step is to its own GEMMs
 gemm_by_layer                   per product: shape, seconds and FLOP/s
+nongemm_seconds_per_step        reference step time minus ``gemm_seconds_per_step``: what the step
+                                spends outside its matrix products (BatchNorm, ReLU, pooling, copies,
+                                Adam, and GEMMs running below their stand-alone speed)
+memory_bandwidth_bytes_per_s    copying one fp32 buffer into another (256 MiB; --quick 32 MiB), bytes
+                                read + written per second, median over the runs
+activation_bytes_per_step       fp32 bytes of all Conv1d/Linear outputs of the embedding network in
+                                one step (``activation_bytes``)
+elementwise_floor_seconds       ``elementwise_passes`` (5) x ``activation_bytes_per_step`` /
+                                ``memory_bandwidth_bytes_per_s``: the least time the step's elementwise
+                                work (ReLU, BatchNorm forward and backward) can take even perfectly
+                                fused, outside the GEMM kernels (see ``ELEMENTWISE_PASSES``)
+step_bound_flops_per_s          ``step_flops / (gemm_seconds_per_step + elementwise_floor_seconds)``:
+                                the fastest such a step can run on this machine
+step_bound_vs_peak              ``step_bound_flops_per_s / matmul_peak_flops_per_s``: the highest
+                                ``flops_vs_peak`` any fp32 implementation built on these GEMMs can reach
+stock_elementwise_seconds       PyTorch's own ReLU + BatchNorm kernels, forward and backward in training
+                                mode, timed on tensors shaped like every Conv1d output of the step
+                                (``stock_elementwise_seconds``; median per layer, summed)
+stock_bound_flops_per_s         ``step_flops / (gemm_seconds_per_step + stock_elementwise_seconds)`` and
+stock_bound_vs_peak             its ratio to the peak: the best any implementation that keeps those
+                                stock kernels can do, however fast its convolutions are
+keep_freed_memory               whether ``allocator.keep_freed_memory`` was applied before the training
+                                section (``train.keep_freed_memory``, as ``train.py`` does)
+allocator_default_crops_per_s   the reference loop in a fresh process with glibc's default ``malloc``
+allocator_keep_crops_per_s      ... and with ``allocator.keep_freed_memory()`` (pairs alternate A-B,
+                                B-A; 3 pairs, --quick 1); ``allocator_speedup`` is the median of the
+                                per-pair ratios kept / default; null where the C library is not glibc
+allocator_default_faults_per_step  minor page faults per training step in those processes
+allocator_keep_faults_per_step     (``getrusage``), and ``allocator_default_peak_rss_mb`` /
+                                ``allocator_keep_peak_rss_mb`` their peak resident memory (MiB)
 compiled_reference_crops_per_s  (``--compile`` only) the reference loop with the network wrapped in
                                 ``torch.compile`` (as ``train.py --compile``); ``compiled_flops_per_s``,
                                 ``compiled_flops_vs_peak``, ``compiled_vs_reference`` (speed-up over the
@@ -152,6 +182,7 @@ PROJECT = Path(__file__).resolve().parent
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
+import allocator  # noqa: E402
 import config as config_mod  # noqa: E402
 import demo_corpus  # noqa: E402
 import distributed  # noqa: E402
@@ -168,13 +199,21 @@ SETTINGS = {
     "full": dict(corpus=dict(n_train_speakers=32, n_test_speakers=8, utts_per_speaker=8, test_utts_per_speaker=8,
                              min_seconds=2.0, max_seconds=4.0),
                  batch=64, crop_frames=200, train_steps=4, warmup_steps=2, matmul_sizes=(2048, 4096),
-                 matmul_reps=5, score_embeddings=10_000, score_trials=1_000_000, cold_runs=3),
+                 matmul_reps=5, score_embeddings=10_000, score_trials=1_000_000, cold_runs=3,
+                 bandwidth_mib=256),
     "quick": dict(corpus=dict(n_train_speakers=8, n_test_speakers=4, utts_per_speaker=4, test_utts_per_speaker=4,
                               min_seconds=2.0, max_seconds=4.0),
                   batch=8, crop_frames=200, train_steps=2, warmup_steps=1, matmul_sizes=(512, 1024),
-                  matmul_reps=3, score_embeddings=2_000, score_trials=100_000, cold_runs=1),
+                  matmul_reps=3, score_embeddings=2_000, score_trials=100_000, cold_runs=1,
+                  bandwidth_mib=32),
 }
 QUICK_RUNS = 2
+# Passes over every frame-layer output (fp32) that even a perfectly fused Conv -> ReLU -> BatchNorm step
+# cannot avoid outside its GEMMs: forward, ReLU + batch statistics in one read-write pass (2); backward,
+# ReLU mask and BatchNorm gradient in one pass that reads the incoming gradient and the activation and
+# writes the outgoing gradient (3). (The normalisation folded into the next layer's weights, the
+# BatchNorm gradient's per-channel sums taken from the weight-gradient GEMM: both free.)
+ELEMENTWISE_PASSES = 5
 GPU_MATMUL_SIZES = (4096, 8192)
 SUBPROCESS_TIMEOUT_S = 900
 
@@ -272,6 +311,17 @@ def subprocess_env(threads: int) -> dict:
                 "TQDM_DISABLE": "1"})
     env["PYTHONPATH"] = str(PROJECT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def run_bench_script(script: str, env: dict, what: str) -> dict:
+    """Run ``python -c script`` in the project folder; return the JSON of its last ``BENCH {...}`` line.
+    Raises with the end of its output if it fails or prints no such line."""
+    out = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, env=env, capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT_S)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} subprocess failed (exit {out.returncode}): {(out.stderr or out.stdout)[-800:]}")
+    return json.loads(lines[-1][6:])
 
 
 def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
@@ -478,6 +528,83 @@ def matmul_peak(sizes, reps: int, device: torch.device, dtype: torch.dtype) -> d
     return by_size
 
 
+def memory_bandwidth(mib: int, reps: int, device: torch.device) -> float:
+    """Median bytes per second of copying one ``mib`` MiB fp32 buffer into another (both allocated and
+    touched beforehand), counting the bytes read and the bytes written."""
+    n = mib * 2 ** 20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.zeros(n, device=device)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n * 4 / statistics.median(times)
+
+
+def activation_bytes(gemms: list[dict]) -> int:
+    """fp32 bytes of every output of the embedding network's Conv1d/Linear layers in one step (the
+    ``layer_gemms`` entries without the loss head's): what its elementwise work has to stream."""
+    return sum(4 * g["groups"] * g["m"] * g["n"] for g in gemms if not g["layer"].startswith("head"))
+
+
+def stock_elementwise_seconds(gemms: list[dict], batch: int, device: torch.device, reps: int) -> float:
+    """Seconds per training step of PyTorch's own ReLU and BatchNorm kernels (forward and backward, as
+    ``TDNNLayer`` runs them) on tensors of the shape of every Conv1d output of the step: each layer's
+    median over ``reps``, summed. Together with ``gemm_seconds_per_step`` it bounds any implementation
+    that keeps these stock kernels (``stock_bound_vs_peak``)."""
+    total = 0.0
+    for g in gemms:
+        if g["layer"] != "Conv1d":
+            continue
+        shape = (batch, g["n"] * g["groups"], g["m"] // batch)
+        z = torch.randn(shape, device=device, requires_grad=True)
+        grad = torch.randn(shape, device=device)
+        weight = torch.ones(shape[1], device=device, requires_grad=True)
+        bias = torch.zeros(shape[1], device=device, requires_grad=True)
+        running = (torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device))
+        times = []
+        for i in range(reps + 1):  # the first run allocates
+            sync(device)
+            t0 = time.perf_counter()
+            y = torch.nn.functional.batch_norm(torch.relu(z), *running, weight, bias, training=True)
+            y.backward(grad)
+            z.grad = weight.grad = bias.grad = None
+            sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        total += statistics.median(times)
+        del z, grad, y
+    return total
+
+
+def allocator_probe(keep: bool, batch: int, frames: int, n_classes: int, warmup: int, steps: int) -> dict:
+    """Training steps of config.yaml's model on in-memory random batches (the reference loop) in this
+    process, with glibc's default malloc settings or with ``allocator.keep_freed_memory()`` first.
+    Meant for a fresh process (``Bench.bench_allocator``): once applied, the setting cannot be undone.
+    Returns crops/s, minor page faults per step (``getrusage``) and the peak RSS (MiB)."""
+    import resource
+    if keep:
+        applied, why = allocator.keep_freed_memory()
+        if not applied:
+            raise RuntimeError(why)
+    cfg = config_mod.load_config()
+    cfg["train"]["batchsize"] = batch
+    device = torch.device("cpu")
+    parts = build_training(cfg, n_classes, 1000, device)
+    parts[0].train()
+    step_fn, _ = resolve_step_function()
+    batches = reference_batches(batch, cfg["features"]["n_mfcc"], frames, n_classes, device)
+    timed_steps(step_fn, parts, batches, warmup, None, device)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds, crops = timed_steps(step_fn, parts, batches, steps, None, device)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    return {"crops_per_s": crops / seconds, "faults_per_step": faults / steps, "peak_rss_mb": peak_rss_mb()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -596,14 +723,8 @@ class Bench:
         first, second, proc = [], [], []
         for _ in range(n):
             t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, env=subprocess_env(self.threads),
-                                 capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+            d = run_bench_script(script, subprocess_env(self.threads), "MFCC cold-start")
             wall = time.perf_counter() - t0
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
-            if out.returncode != 0 or not lines:
-                raise RuntimeError(f"MFCC cold-start subprocess failed (exit {out.returncode}): "
-                                   f"{(out.stderr or out.stdout)[-800:]}")
-            d = json.loads(lines[-1][6:])
             first.append(d["first"])
             second.append(d["second"])
             proc.append(wall)
@@ -617,18 +738,17 @@ class Bench:
         env = subprocess_env(self.threads)
         with tempfile.TemporaryDirectory(prefix="numba_cache_") as cache:
             env["NUMBA_CACHE_DIR"] = cache
-            out = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, env=env, capture_output=True,
-                                 text=True, timeout=SUBPROCESS_TIMEOUT_S)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
-        if out.returncode != 0 or not lines:
-            raise RuntimeError(f"MFCC no-cache subprocess failed (exit {out.returncode}): "
-                               f"{(out.stderr or out.stdout)[-800:]}")
-        self.record("mfcc_cold_nocache_seconds", [json.loads(lines[-1][6:])["first"]])
+            d = run_bench_script(script, env, "MFCC no-cache")
+        self.record("mfcc_cold_nocache_seconds", [d["first"]])
 
     # ---- training throughput and FLOPs
     def bench_training(self) -> None:
         cfg, device = self.cfg, self.device
         dataset = SpkTrainDataset(cfg, log=_quiet)
+        if cfg["train"]["keep_freed_memory"]:  # as train.train does, after reading the features
+            self.result["keep_freed_memory"] = allocator.keep_freed_memory()[0]
+        else:
+            self.result["keep_freed_memory"] = False
         n_classes = len(dataset.speakers)
         batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
         steps_per_epoch = math.ceil(len(dataset) / batch)
@@ -703,6 +823,45 @@ class Bench:
         self.result["gemm_seconds_per_step"] = total
         self.result["gemm_ceiling_flops_per_s"] = sum(gemm_flops(g) for g in gemms) / total
         self.result["gemm_by_layer"] = per_layer
+        # The elementwise floor: what the step's BatchNorm/ReLU work costs at the least, at the
+        # machine's measured memory bandwidth (see ELEMENTWISE_PASSES).
+        bandwidth = self.record("memory_bandwidth_bytes_per_s",
+                                [memory_bandwidth(self.s["bandwidth_mib"], reps, device) for _ in range(self.runs)])
+        act = activation_bytes(gemms)
+        floor = ELEMENTWISE_PASSES * act / bandwidth
+        self.result.update({"activation_bytes_per_step": act, "elementwise_passes": ELEMENTWISE_PASSES,
+                            "elementwise_floor_seconds": floor,
+                            "step_bound_flops_per_s": sum(gemm_flops(g) for g in gemms) / (total + floor)})
+        stock = stock_elementwise_seconds(gemms, batch, device, reps)
+        self.result["stock_elementwise_seconds"] = stock
+        self.result["stock_bound_flops_per_s"] = sum(gemm_flops(g) for g in gemms) / (total + stock)
+        if self.result.get("reference_crops_per_s"):
+            step_s = self.result["batch_size"] / self.result["reference_crops_per_s"]
+            self.result["nongemm_seconds_per_step"] = step_s - total
+
+    def bench_allocator(self) -> None:
+        """glibc's default malloc against ``allocator.keep_freed_memory`` (``train.keep_freed_memory``):
+        the reference loop in fresh processes, alternately with and without it (A-B, B-A, ...)."""
+        if allocator._glibc() is None or self.device.type != "cpu":
+            self.result["allocator_speedup"] = None  # nothing to compare: not glibc, or a GPU run
+            return
+        batch, frames = self.cfg["train"]["batchsize"], self.cfg["train"]["crop_frames"]
+        n_classes = self.result.get("n_classes") or 32
+        found = {True: [], False: []}
+        for i in range(self.cold_runs):
+            for keep in ((False, True) if i % 2 == 0 else (True, False)):
+                args = (keep, batch, frames, n_classes, self.s["warmup_steps"], self.s["train_steps"])
+                script = ("import json, benchmark\n"
+                          f"print('BENCH ' + json.dumps(benchmark.allocator_probe(*{args!r})))\n")
+                found[keep].append(run_bench_script(script, subprocess_env(self.threads), "allocator probe"))
+        for keep, name in ((False, "default"), (True, "keep")):
+            self.record(f"allocator_{name}_crops_per_s", [d["crops_per_s"] for d in found[keep]])
+            self.record(f"allocator_{name}_faults_per_step", [d["faults_per_step"] for d in found[keep]])
+            peaks = [d["peak_rss_mb"] for d in found[keep] if d["peak_rss_mb"] is not None]
+            if peaks:
+                self.record(f"allocator_{name}_peak_rss_mb", peaks)
+        self.record("allocator_speedup", [b["crops_per_s"] / a["crops_per_s"]
+                                          for a, b in zip(found[False], found[True])])
 
     def bench_compiled(self) -> None:
         """``--compile``: the reference loop (in-memory batches) with the embedding network wrapped in
@@ -874,6 +1033,7 @@ class Bench:
         self.section("training", self.bench_training)
         self.section("matmul", self.bench_matmul)
         self.section("gemms", self.bench_gemms)
+        self.section("allocator", self.bench_allocator)
         if args.compile:
             self.section("compiled", self.bench_compiled)
         self.section("embedding", self.bench_embedding)
@@ -886,6 +1046,8 @@ class Bench:
             r["flops_vs_peak"] = r["step_flops_per_s"] / peak
         if r.get("gemm_ceiling_flops_per_s") and peak:
             r["gemm_ceiling_vs_peak"] = r["gemm_ceiling_flops_per_s"] / peak
+            r["step_bound_vs_peak"] = r["step_bound_flops_per_s"] / peak
+            r["stock_bound_vs_peak"] = r["stock_bound_flops_per_s"] / peak
             if r.get("reference_flops_per_s"):
                 r["reference_vs_gemm_ceiling"] = r["reference_flops_per_s"] / r["gemm_ceiling_flops_per_s"]
         if r.get("compiled_flops_per_s") and peak:
@@ -939,6 +1101,19 @@ TABLE = [
     ("The step's GEMMs alone (plain matmuls)", "gemm_ceiling_flops_per_s", "GFLOP/s", 1e-9),
     ("  GEMMs / peak (the step's ceiling)", "gemm_ceiling_vs_peak", "", 1.0),
     ("  reference / GEMMs", "reference_vs_gemm_ceiling", "", 1.0),
+    ("  reference step outside its GEMMs", "nongemm_seconds_per_step", "ms", 1e3),
+    ("Memory bandwidth (copy, read + write)", "memory_bandwidth_bytes_per_s", "GB/s", 1e-9),
+    ("  BatchNorm/ReLU floor per step", "elementwise_floor_seconds", "ms", 1e3),
+    ("  bound: GEMMs + floor, / peak", "step_bound_vs_peak", "", 1.0),
+    ("ReLU + BatchNorm, PyTorch's kernels", "stock_elementwise_seconds", "ms", 1e3),
+    ("  bound: GEMMs + those, / peak", "stock_bound_vs_peak", "", 1.0),
+    ("Reference, glibc malloc default", "allocator_default_crops_per_s", "crops/s", 1.0),
+    ("Reference, keep_freed_memory", "allocator_keep_crops_per_s", "crops/s", 1.0),
+    ("  speed-up (median of pairs)", "allocator_speedup", "x", 1.0),
+    ("  page faults per step, default", "allocator_default_faults_per_step", "", 1.0),
+    ("  page faults per step, kept", "allocator_keep_faults_per_step", "", 1.0),
+    ("  peak RSS, default", "allocator_default_peak_rss_mb", "MiB", 1.0),
+    ("  peak RSS, kept", "allocator_keep_peak_rss_mb", "MiB", 1.0),
     ("Reference, torch.compile (--compile)", "compiled_reference_crops_per_s", "crops/s", 1.0),
     ("  achieved", "compiled_flops_per_s", "GFLOP/s", 1e-9),
     ("  compiled / peak", "compiled_flops_vs_peak", "", 1.0),

@@ -39,6 +39,7 @@ from config import ConfigError, config_path_value, load_config, parse_override, 
 from dataset import DataError, SpkTrainDataset, check_training_data, feature_signature
 from demo_corpus import ensure_demo_corpus
 import distributed as dd
+from allocator import keep_freed_memory
 from embedding import select_device
 from speaker_model import build_loss, build_model, describe
 
@@ -301,6 +302,10 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         elif (folder / "skipped_files.txt").is_file() and not resume:
             (folder / "skipped_files.txt").unlink()  # from an earlier run: this one skipped nothing
 
+    if tcfg["keep_freed_memory"]:  # after feature extraction: its variable-size arrays would fragment the heap
+        applied, why = keep_freed_memory()
+        if not applied:
+            log(f"note: train.keep_freed_memory has no effect here: {why}")
     train_model = model
     if compile_model:
         try:

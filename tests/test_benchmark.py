@@ -81,6 +81,51 @@ def test_gemm_ceiling_is_the_steps_own_matmuls(quick_result):
     assert "compiled_reference_crops_per_s" not in r  # only with --compile
 
 
+def test_roofline_keys_are_what_they_claim(quick_result):
+    r = quick_result
+    act = sum(4 * g["groups"] * g["m"] * g["n"] for g in r["gemm_by_layer"] if not g["layer"].startswith("head"))
+    assert r["activation_bytes_per_step"] == act
+    assert r["elementwise_passes"] == benchmark.ELEMENTWISE_PASSES == 5
+    assert r["elementwise_floor_seconds"] == pytest.approx(5 * act / r["memory_bandwidth_bytes_per_s"], rel=1e-9)
+    assert r["step_bound_flops_per_s"] == pytest.approx(
+        r["step_flops"] / (r["gemm_seconds_per_step"] + r["elementwise_floor_seconds"]), rel=1e-9)
+    assert r["stock_bound_flops_per_s"] == pytest.approx(
+        r["step_flops"] / (r["gemm_seconds_per_step"] + r["stock_elementwise_seconds"]), rel=1e-9)
+    assert r["step_bound_vs_peak"] == pytest.approx(r["step_bound_flops_per_s"] / r["matmul_peak_flops_per_s"])
+    assert r["stock_bound_vs_peak"] == pytest.approx(r["stock_bound_flops_per_s"] / r["matmul_peak_flops_per_s"])
+    # each bound adds time to the GEMMs, so it lies below the GEMM ceiling
+    assert r["stock_bound_vs_peak"] < r["gemm_ceiling_vs_peak"] and r["step_bound_vs_peak"] < r["gemm_ceiling_vs_peak"]
+    assert r["nongemm_seconds_per_step"] == pytest.approx(
+        r["batch_size"] / r["reference_crops_per_s"] - r["gemm_seconds_per_step"], rel=1e-9)
+
+
+@pytest.mark.skipif(benchmark.allocator._glibc() is None, reason="keep_freed_memory is a glibc setting")
+def test_allocator_comparison_is_paired(quick_result):
+    r = quick_result
+    assert r["keep_freed_memory"] is True  # config.yaml's default, applied as train.py applies it
+    default = r["stats"]["allocator_default_crops_per_s"]["samples"]
+    kept = r["stats"]["allocator_keep_crops_per_s"]["samples"]
+    assert len(default) == len(kept) >= 1
+    assert r["allocator_speedup"] == pytest.approx(
+        benchmark.statistics.median([k / d for d, k in zip(default, kept)]), rel=1e-9)
+    for key in ("allocator_default_faults_per_step", "allocator_keep_faults_per_step",
+                "allocator_default_peak_rss_mb", "allocator_keep_peak_rss_mb"):
+        assert r[key] is not None and r[key] >= 0, key
+
+
+def test_activation_bytes_and_stock_elementwise_time():
+    model = speaker_model.build_model({"name": "xvector", "pooling": "gap", "embedding_size": 16, "channels": 32,
+                                       "stat_channels": 48}, 20)
+    head = speaker_model.build_loss({"type": "softmax", "scale": 30.0, "margin": 0.2}, 16, 10)
+    gemms = benchmark.layer_gemms(model, head, 4, 20, 60)
+    frames = [56, 52, 46, 46, 46]
+    widths = [32, 32, 32, 32, 48]
+    # the five frame layers' outputs and the embedding layer's, not the head's logits
+    assert benchmark.activation_bytes(gemms) == 4 * (sum(4 * f * w for f, w in zip(frames, widths)) + 4 * 16)
+    seconds = benchmark.stock_elementwise_seconds(gemms, 4, torch.device("cpu"), reps=2)
+    assert 0 < seconds < 1.0
+
+
 def test_layer_gemms_of_the_xvector():
     model = speaker_model.build_model({"name": "xvector", "pooling": "gap", "embedding_size": 16, "channels": 32,
                                        "stat_channels": 48}, 20)
@@ -133,3 +178,20 @@ def test_summarize():
     assert st["q1"] <= st["median"] <= st["q3"] and st["iqr"] == st["q3"] - st["q1"]
     one = benchmark.summarize([4.0])
     assert one["median"] == one["q1"] == one["q3"] == 4.0 and one["iqr"] == 0.0
+
+
+def test_other_tdnn_formulations_compute_the_same_function():
+    """scripts/tdnn_formulations.py times only formulations that equal the lab's Conv1d x-vector:
+    output and every parameter gradient agree in float64 (a wrong tap, dilation or dropped row would
+    be off by far more than rounding)."""
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    try:
+        import tdnn_formulations
+    finally:
+        sys.path.remove(str(PROJECT / "scripts"))
+    for name in tdnn_formulations.EAGER_EQUIVALENT:
+        errors = tdnn_formulations.max_relative_errors(name)
+        assert len(errors) == 1 + len(list(tdnn_formulations.Xvector(
+            tdnn_formulations.GlobalAveragePooling(48), 20, 32, 48, 16).parameters()))
+        assert max(errors.values()) < 1e-10, (name, errors)
+

@@ -86,10 +86,10 @@ stock_elementwise_seconds       PyTorch's own ReLU + BatchNorm kernels, forward 
 stock_bound_flops_per_s         ``step_flops / (gemm_seconds_per_step + stock_elementwise_seconds)`` and
 stock_bound_vs_peak             its ratio to the peak: the best any implementation that keeps those
                                 stock kernels can do, however fast its convolutions are
-keep_freed_memory               whether ``allocator.keep_freed_memory`` was applied before the training
+keep_freed_memory               whether ``cpu_runtime.keep_freed_memory`` was applied before the training
                                 section (``train.keep_freed_memory``, as ``train.py`` does)
 allocator_default_crops_per_s   the reference loop in a fresh process with glibc's default ``malloc``
-allocator_keep_crops_per_s      ... and with ``allocator.keep_freed_memory()`` (pairs alternate A-B,
+allocator_keep_crops_per_s      ... and with ``cpu_runtime.keep_freed_memory()`` (pairs alternate A-B,
                                 B-A; 3 pairs, --quick 1); ``allocator_speedup`` is the median of the
                                 per-pair ratios kept / default; null where the C library is not glibc
 allocator_default_faults_per_step  minor page faults per training step in those processes
@@ -182,7 +182,7 @@ PROJECT = Path(__file__).resolve().parent
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-import allocator  # noqa: E402
+import cpu_runtime  # noqa: E402
 import config as config_mod  # noqa: E402
 import demo_corpus  # noqa: E402
 import distributed  # noqa: E402
@@ -583,12 +583,13 @@ def stock_elementwise_seconds(gemms: list[dict], batch: int, device: torch.devic
 
 def allocator_probe(keep: bool, batch: int, frames: int, n_classes: int, warmup: int, steps: int) -> dict:
     """Training steps of config.yaml's model on in-memory random batches (the reference loop) in this
-    process, with glibc's default malloc settings or with ``allocator.keep_freed_memory()`` first.
+    process, with glibc's default malloc settings or with ``cpu_runtime.keep_freed_memory()`` first.
     Meant for a fresh process (``Bench.bench_allocator``): once applied, the setting cannot be undone.
     Returns crops/s, minor page faults per step (``getrusage``) and the peak RSS (MiB)."""
     import resource
+    cpu_runtime.warm_up_vector_math()
     if keep:
-        applied, why = allocator.keep_freed_memory()
+        applied, why = cpu_runtime.keep_freed_memory()
         if not applied:
             raise RuntimeError(why)
     cfg = config_mod.load_config()
@@ -746,7 +747,7 @@ class Bench:
         cfg, device = self.cfg, self.device
         dataset = SpkTrainDataset(cfg, log=_quiet)
         if cfg["train"]["keep_freed_memory"]:  # as train.train does, after reading the features
-            self.result["keep_freed_memory"] = allocator.keep_freed_memory()[0]
+            self.result["keep_freed_memory"] = cpu_runtime.keep_freed_memory()[0]
         else:
             self.result["keep_freed_memory"] = False
         n_classes = len(dataset.speakers)
@@ -840,9 +841,9 @@ class Bench:
             self.result["nongemm_seconds_per_step"] = step_s - total
 
     def bench_allocator(self) -> None:
-        """glibc's default malloc against ``allocator.keep_freed_memory`` (``train.keep_freed_memory``):
+        """glibc's default malloc against ``cpu_runtime.keep_freed_memory`` (``train.keep_freed_memory``):
         the reference loop in fresh processes, alternately with and without it (A-B, B-A, ...)."""
-        if allocator._glibc() is None or self.device.type != "cpu":
+        if cpu_runtime._glibc() is None or self.device.type != "cpu":
             self.result["allocator_speedup"] = None  # nothing to compare: not glibc, or a GPU run
             return
         batch, frames = self.cfg["train"]["batchsize"], self.cfg["train"]["crop_frames"]
@@ -1025,6 +1026,7 @@ class Bench:
             "numpy_version": np.__version__, "librosa_version": _librosa_version(),
             "loadavg_start": loadavg(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
+        cpu_runtime.warm_up_vector_math()  # as train.py and EER.py do
         self.section("corpus", self.make_corpus)
         if self.corpus is None:
             raise RuntimeError(f"could not generate the benchmark corpus: {self.errors.get('corpus')}")

@@ -15,6 +15,7 @@ import torch
 
 from checkpoint import atomic_write
 from config import resolve_path
+from cpu_runtime import warm_up_vector_math
 from dataset import LEGACY_FEATURE_DEFAULTS, DataError, equal_length_batches, feature_signature, load_features
 
 
@@ -51,6 +52,7 @@ def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_siz
                    device: torch.device | str = "cpu", desc: str = "embedding") -> np.ndarray:
     """Embeddings ``(n, embedding_size)`` float32 of whole-utterance features ``(n_mfcc, frames)``."""
     from tqdm import tqdm
+    warm_up_vector_math()  # exact float math in the model's first multi-threaded calls
     device = torch.device(device)
     out = None
     batches = equal_length_batches([f.shape[1] for f in features], batch_size)

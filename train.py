@@ -39,7 +39,7 @@ from config import ConfigError, config_path_value, load_config, parse_override, 
 from dataset import DataError, SpkTrainDataset, check_training_data, feature_signature
 from demo_corpus import ensure_demo_corpus
 import distributed as dd
-from allocator import keep_freed_memory
+from cpu_runtime import keep_freed_memory, warm_up_vector_math
 from embedding import select_device
 from speaker_model import build_loss, build_model, describe
 
@@ -215,6 +215,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     ``dist_info`` (``distributed.DistInfo``, from ``torchrun``): ``train.batchsize`` is then the global
     batch, split evenly over the processes; only rank 0 writes files.
     """
+    warm_up_vector_math()  # before any multi-threaded float math: exact, reproducible results
     info = dist_info or dd.DistInfo(device=device or torch.device("cpu"))
     device = info.device if dist_info is not None else (device or torch.device("cpu"))
     if not info.is_main:

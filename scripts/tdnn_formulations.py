@@ -41,7 +41,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-import allocator  # noqa: E402
+import cpu_runtime  # noqa: E402
 from pooling import GlobalAveragePooling  # noqa: E402
 from xvector import FRAME_LAYERS, Xvector  # noqa: E402
 
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=200, help="frames per crop (default 200)")
     args = ap.parse_args(argv)
     names = ["conv1d", "matmul"] + (["conv1d_compiled", "matmul_compiled"] if args.compile else [])
-    allocator.keep_freed_memory()  # as train.py does by default
+    cpu_runtime.warm_up_vector_math()  # as train.py does
+    cpu_runtime.keep_freed_memory()  # as train.py does by default
     result = {"batch": args.batch, "frames": args.frames, "threads": torch.get_num_threads(),
               "torch_version": torch.__version__, "float64_max_relative_error": {}}
     for name in EAGER_EQUIVALENT:

@@ -99,7 +99,7 @@ def test_roofline_keys_are_what_they_claim(quick_result):
         r["batch_size"] / r["reference_crops_per_s"] - r["gemm_seconds_per_step"], rel=1e-9)
 
 
-@pytest.mark.skipif(benchmark.allocator._glibc() is None, reason="keep_freed_memory is a glibc setting")
+@pytest.mark.skipif(benchmark.cpu_runtime._glibc() is None, reason="keep_freed_memory is a glibc setting")
 def test_allocator_comparison_is_paired(quick_result):
     r = quick_result
     assert r["keep_freed_memory"] is True  # config.yaml's default, applied as train.py applies it

@@ -10,10 +10,10 @@ keep_freed_memory (``train.keep_freed_memory``)
     to serve large blocks from its heap too (``M_MMAP_MAX = 0``) and never to give the top of the heap
     back (``M_TRIM_THRESHOLD`` = 2 GiB - 1), glibc puts a freed activation back in the heap and the next
     step takes it again: once the heap has settled, no page is faulted in. On the 2-core reference
-    machine the step gets 1.12-1.22x faster (``benchmark.py``, keys ``allocator_*``).
+    machine the step gets 1.12-1.24x faster (``benchmark.py``, keys ``allocator_*``).
     The price: the process keeps its peak memory until it exits, and the heap needs a few steps to
     settle (small allocations split freed blocks at first): about +20 % peak resident memory for the
-    default x-vector at batch 64 (975 -> 1 155 MiB in the benchmark). Inputs whose shape changes from
+    default x-vector at batch 64 (975 -> 1 155 and 1 001 -> 1 184 MiB in two benchmark runs). Inputs whose shape changes from
     call to call fragment the heap further, so only training, whose crops all have one shape, turns it
     on, after its features are read. Only glibc (Linux) has ``mallopt``; elsewhere nothing changes.
 
@@ -23,7 +23,7 @@ warm_up_vector_math
     the torch 2.13 wheels) picks each function's kernel lazily at its first call, and when that first
     call runs on several threads at once, one thread can run a low-accuracy kernel for its whole chunk
     (pytorch/pytorch#188792: errors up to ~4000 ulp for ``sqrt``). Here that was Adam's first
-    ``sqrt`` in about one training run in five on 2 threads: the run then differs in the last digits
+    ``sqrt`` in about one training run in six on 2 threads: the run then differs in the last digits
     from every other run with the same seed, and a resumed run from the uninterrupted one. One
     single-threaded call of each function, in float32 and float64, on a 1-element tensor, before any
     parallel use resolves the dispatch (the fix of pytorch/pytorch#188791, from the outside).

@@ -746,10 +746,8 @@ class Bench:
     def bench_training(self) -> None:
         cfg, device = self.cfg, self.device
         dataset = SpkTrainDataset(cfg, log=_quiet)
-        if cfg["train"]["keep_freed_memory"]:  # as train.train does, after reading the features
-            self.result["keep_freed_memory"] = cpu_runtime.keep_freed_memory()[0]
-        else:
-            self.result["keep_freed_memory"] = False
+        # as train.train does, after reading the features
+        self.result["keep_freed_memory"] = cfg["train"]["keep_freed_memory"] and cpu_runtime.keep_freed_memory()[0]
         n_classes = len(dataset.speakers)
         batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
         steps_per_epoch = math.ceil(len(dataset) / batch)
@@ -821,8 +819,9 @@ class Bench:
             seconds = gemm_seconds(g, device, reps)
             per_layer.append({**g, "seconds": seconds, "flops_per_s": gemm_flops(g) / seconds})
         total = sum(r["seconds"] for r in per_layer)
+        flops = sum(gemm_flops(g) for g in gemms)
         self.result["gemm_seconds_per_step"] = total
-        self.result["gemm_ceiling_flops_per_s"] = sum(gemm_flops(g) for g in gemms) / total
+        self.result["gemm_ceiling_flops_per_s"] = flops / total
         self.result["gemm_by_layer"] = per_layer
         # The elementwise floor: what the step's BatchNorm/ReLU work costs at the least, at the
         # machine's measured memory bandwidth (see ELEMENTWISE_PASSES).
@@ -832,10 +831,10 @@ class Bench:
         floor = ELEMENTWISE_PASSES * act / bandwidth
         self.result.update({"activation_bytes_per_step": act, "elementwise_passes": ELEMENTWISE_PASSES,
                             "elementwise_floor_seconds": floor,
-                            "step_bound_flops_per_s": sum(gemm_flops(g) for g in gemms) / (total + floor)})
+                            "step_bound_flops_per_s": flops / (total + floor)})
         stock = stock_elementwise_seconds(gemms, batch, device, reps)
         self.result["stock_elementwise_seconds"] = stock
-        self.result["stock_bound_flops_per_s"] = sum(gemm_flops(g) for g in gemms) / (total + stock)
+        self.result["stock_bound_flops_per_s"] = flops / (total + stock)
         if self.result.get("reference_crops_per_s"):
             step_s = self.result["batch_size"] / self.result["reference_crops_per_s"]
             self.result["nongemm_seconds_per_step"] = step_s - total

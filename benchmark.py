@@ -95,10 +95,27 @@ allocator_keep_crops_per_s      ... and with ``cpu_runtime.keep_freed_memory()``
 allocator_default_faults_per_step  minor page faults per training step in those processes
 allocator_keep_faults_per_step     (``getrusage``), and ``allocator_default_peak_rss_mb`` /
                                 ``allocator_keep_peak_rss_mb`` their peak resident memory (MiB)
+bf16_reference_crops_per_s      the reference loop under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+                                (``train.amp: bf16``), interleaved A-B-B-A with the fp32 reference loop
+                                in one process (``bf16_fp32_reference_crops_per_s``); ``bf16_speedup`` is
+                                the median of the per-run ratios bf16 / fp32. CPU runs on a CPU with
+                                native bfloat16 only (``bf16_native``: AMX-BF16 or AVX512-BF16, else null
+                                and ``bf16_skipped`` says why; the keys are then absent)
+bf16_flops_per_s                ``step_flops`` per second in that loop; ``bf16_flops_vs_peak`` against
+bf16_matmul_peak_flops_per_s    the bfloat16 matmul peak measured like ``matmul_peak_flops_per_s``,
+                                ``bf16_flops_vs_fp32_peak`` against the fp32 one
+bf16_gemm_seconds_per_step      the step's GEMMs (``layer_gemms``) as plain bfloat16 matmuls;
+                                ``bf16_gemm_ceiling_flops_per_s`` and ``bf16_gemm_ceiling_vs_peak`` (its
+                                ratio to the bf16 peak) as for fp32
 compiled_reference_crops_per_s  (``--compile`` only) the reference loop with the network wrapped in
                                 ``torch.compile`` (as ``train.py --compile``); ``compiled_flops_per_s``,
                                 ``compiled_flops_vs_peak``, ``compiled_vs_reference`` (speed-up over the
                                 eager reference) and ``compile_seconds`` (the first, compiling step)
+bf16_compiled_reference_crops_per_s  (``--compile`` on a CPU with native bfloat16) the same compiled
+                                network under bfloat16 autocast (``train.py --compile --amp bf16``);
+                                ``bf16_compiled_vs_reference`` is its ratio to the eager fp32
+                                ``reference_crops_per_s``, ``bf16_compiled_flops_vs_peak`` its FLOP/s
+                                over ``bf16_matmul_peak_flops_per_s``
 mfcc_utts_per_s                 warm feature extraction (``dataset.extract_features`` = ``load_audio``
                                 + ``mfcc`` per file, one process), utterances per second
 mfcc_x_realtime                 the same as seconds of audio processed per second of wall time
@@ -144,14 +161,15 @@ stats                           per measurement: ``median``, ``min``, ``max``, `
 
 Also recorded: ``torch_version``, ``python_version``, ``librosa_version``, ``numpy_version``,
 ``threads`` (torch intra-op threads; subprocesses get ``OMP_NUM_THREADS`` = this), ``device``,
-``device_name``, ``amp_dtype`` (GPU), ``cpu_model`` (``/proc/cpuinfo``), ``cpu_count``, ``platform``,
+``device_name``, ``amp_dtype`` (``train.amp`` on this device; null: fp32), ``matmul_dtype``, ``cpu_model`` (``/proc/cpuinfo``), ``cpu_count``, ``platform``,
 ``loadavg_start``/``loadavg_end`` (1-minute load; a loaded machine gives slow, noisy numbers),
 ``quick``, ``runs``, ``batch_size``, ``crop_frames``, ``model`` (tag), ``model_params``,
 ``n_classes``, ``train_steps_per_run``, ``matmul_sizes``, ``matmul_by_size`` (best FLOP/s per
 size), ``train_step_source`` (which step function was timed), ``errors`` (sections that failed).
 
 ``--gpu`` runs training, reference, matmul peak and embedding on CUDA with ``torch.autocast`` in
-bfloat16 where supported (else float16 with a ``GradScaler``), exactly as ``train.py`` does on a GPU;
+bfloat16 where supported (else float16 with a ``GradScaler``), exactly as ``train.py`` does on a GPU
+(``train.amp: auto``);
 MFCC, scoring and the FLOP count stay on the CPU.
 """
 from __future__ import annotations
@@ -324,11 +342,9 @@ def run_bench_script(script: str, env: dict, what: str) -> dict:
     return json.loads(lines[-1][6:])
 
 
-def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
-    """``(use_amp, amp_dtype)`` exactly as ``train.train`` chooses them."""
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    return use_amp, amp_dtype
+def amp_dtype(cfg: dict, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: fp32), as ``train.train`` chooses it."""
+    return train_mod.amp_dtype_for(cfg, device, log=_quiet)
 
 
 def resolve_step_function():
@@ -346,8 +362,7 @@ def build_training(cfg: dict, n_classes: int, steps_per_epoch: int, device: torc
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_mod.lr_lambda(tcfg, steps_per_epoch))
-    use_amp, amp_dtype = amp_settings(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(cfg, device) == torch.float16)
     return distributed.ModelWithHead(model, head), optimizer, scheduler, scaler
 
 
@@ -462,18 +477,18 @@ def analytic_step_flops(model: nn.Module, head: nn.Module, batch: int, n_mfcc: i
             "layers_counted": len(gemms)}
 
 
-def gemm_seconds(g: dict, device: torch.device, reps: int) -> float:
+def gemm_seconds(g: dict, device: torch.device, reps: int, dtype: torch.dtype = torch.float32) -> float:
     """Median seconds of the plain matmuls one ``layer_gemms`` entry costs in a training step:
     forward ``(m, k) @ (k, n)``, weight gradient ``(k, m) @ (m, n)``, input gradient ``(m, n) @ (n, k)``
-    (where needed), on contiguous fp32 matrices, each times ``groups``; the median over ``reps``."""
+    (where needed), on contiguous ``dtype`` matrices, each times ``groups``; the median over ``reps``."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(g["m"], g["k"], generator=gen).to(device)
-    w = torch.randn(g["k"], g["n"], generator=gen).to(device)
-    d = torch.randn(g["m"], g["n"], generator=gen).to(device)
+    a = torch.randn(g["m"], g["k"], generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(g["k"], g["n"], generator=gen).to(device=device, dtype=dtype)
+    d = torch.randn(g["m"], g["n"], generator=gen).to(device=device, dtype=dtype)
     products = [(a, w), (a.t(), d)] + ([(d, w.t())] if g["input_grad"] else [])
     total = 0.0
     for x, y in products:
-        out = torch.empty(x.shape[0], y.shape[1], device=device)
+        out = torch.empty(x.shape[0], y.shape[1], device=device, dtype=dtype)
         torch.matmul(x, y, out=out)
         times = []
         for _ in range(reps):
@@ -756,8 +771,7 @@ class Bench:
         parts = build_training(cfg, n_classes, steps_per_epoch, device)
         model, head = parts[0].model, parts[0].head
         parts[0].train()
-        use_amp, amp_dtype = amp_settings(device)
-        amp = amp_dtype if use_amp else None
+        amp = amp_dtype(cfg, device)
         step_fn, source = resolve_step_function()
         self.result.update({
             "train_step_source": source, "batch_size": batch, "crop_frames": frames, "n_classes": n_classes,
@@ -842,7 +856,7 @@ class Bench:
     def bench_allocator(self) -> None:
         """glibc's default malloc against ``cpu_runtime.keep_freed_memory`` (``train.keep_freed_memory``):
         the reference loop in fresh processes, alternately with and without it (A-B, B-A, ...)."""
-        if cpu_runtime._glibc() is None or self.device.type != "cpu":
+        if not cpu_runtime.has_tunable_malloc() or self.device.type != "cpu":
             self.result["allocator_speedup"] = None  # nothing to compare: not glibc, or a GPU run
             return
         batch, frames = self.cfg["train"]["batchsize"], self.cfg["train"]["crop_frames"]
@@ -872,8 +886,7 @@ class Bench:
         parts = build_training(cfg, n_classes, 1, device)
         parts[0].model = torch.compile(parts[0].model)
         parts[0].train()
-        use_amp, amp_dtype = amp_settings(device)
-        amp = amp_dtype if use_amp else None
+        amp = amp_dtype(cfg, device)
         step_fn, _ = resolve_step_function()
         ref = reference_batches(batch, n_mfcc, frames, n_classes, device)
         t0 = time.perf_counter()
@@ -886,11 +899,58 @@ class Bench:
             rates.append(n / dt)
         rate = self.record("compiled_reference_crops_per_s", rates)
         self.result["compiled_flops_per_s"] = self.result["step_flops"] / batch * rate
+        if amp is None and self.result.get("bf16_reference_crops_per_s"):  # train.py --compile --amp bf16
+            timed_steps(step_fn, parts, ref, 1 + self.s["warmup_steps"], torch.bfloat16, device)  # compiles
+            rates = []
+            for _ in range(self.runs):
+                dt, n = timed_steps(step_fn, parts, ref, self.s["train_steps"], torch.bfloat16, device)
+                rates.append(n / dt)
+            rate = self.record("bf16_compiled_reference_crops_per_s", rates)
+            self.result["bf16_compiled_flops_per_s"] = self.result["step_flops"] / batch * rate
+
+    def bench_bf16(self) -> None:
+        """CPU only: the reference loop under ``torch.autocast("cpu", bfloat16)`` (``train.amp: bf16``),
+        interleaved with the float32 reference loop in this process (A-B-B-A), next to the bfloat16
+        matmul peak and the step's own GEMMs in bfloat16. Skipped (keys null, ``bf16_native`` says why)
+        on a GPU run or a CPU without native bfloat16, where it would only time an emulation."""
+        native, what = cpu_runtime.native_bfloat16()
+        self.result["bf16_native"] = what if native else None
+        if self.device.type != "cpu" or not native:
+            self.result["bf16_skipped"] = "a GPU run" if self.device.type != "cpu" else what
+            return
+        cfg, device = self.cfg, self.device
+        batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
+        n_classes = self.result["n_classes"]
+        parts = build_training(cfg, n_classes, 1, device)
+        parts[0].train()
+        step_fn, _ = resolve_step_function()
+        ref = reference_batches(batch, n_mfcc, frames, n_classes, device)
+        for amp in (None, torch.bfloat16):
+            timed_steps(step_fn, parts, ref, self.s["warmup_steps"], amp, device)
+        rates = {None: [], torch.bfloat16: []}
+        for i in range(self.runs):
+            for amp in ((None, torch.bfloat16) if i % 2 == 0 else (torch.bfloat16, None)):
+                dt, n = timed_steps(step_fn, parts, ref, self.s["train_steps"], amp, device)
+                rates[amp].append(n / dt)
+        self.record("bf16_fp32_reference_crops_per_s", rates[None])
+        rate = self.record("bf16_reference_crops_per_s", rates[torch.bfloat16])
+        self.record("bf16_speedup", [b / a for a, b in zip(rates[None], rates[torch.bfloat16])])
+        self.result["bf16_flops_per_s"] = self.result["step_flops"] / batch * rate
+        reps = max(self.s["matmul_reps"], self.runs)
+        by_size = matmul_peak(self.s["matmul_sizes"], reps, device, torch.bfloat16)
+        self.result["bf16_matmul_peak_flops_per_s"] = max(by_size.values())
+        self.result["bf16_matmul_by_size"] = by_size
+        model = speaker_model.build_model(cfg["model"], n_mfcc)
+        head = speaker_model.build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes)
+        gemms = layer_gemms(model, head, batch, n_mfcc, frames)
+        seconds = sum(gemm_seconds(g, device, reps, torch.bfloat16) for g in gemms)
+        self.result["bf16_gemm_seconds_per_step"] = seconds
+        self.result["bf16_gemm_ceiling_flops_per_s"] = sum(gemm_flops(g) for g in gemms) / seconds
 
     def bench_matmul(self) -> None:
         device = self.device
         if device.type == "cuda":
-            _, dtype = amp_settings(device)
+            dtype = amp_dtype(self.cfg, device) or torch.float32
             sizes = GPU_MATMUL_SIZES
         else:
             dtype, sizes = torch.float32, self.s["matmul_sizes"]
@@ -1035,6 +1095,7 @@ class Bench:
         self.section("matmul", self.bench_matmul)
         self.section("gemms", self.bench_gemms)
         self.section("allocator", self.bench_allocator)
+        self.section("bf16", self.bench_bf16)
         if args.compile:
             self.section("compiled", self.bench_compiled)
         self.section("embedding", self.bench_embedding)
@@ -1051,9 +1112,16 @@ class Bench:
             r["stock_bound_vs_peak"] = r["stock_bound_flops_per_s"] / peak
             if r.get("reference_flops_per_s"):
                 r["reference_vs_gemm_ceiling"] = r["reference_flops_per_s"] / r["gemm_ceiling_flops_per_s"]
+        if r.get("bf16_flops_per_s") and peak:
+            r["bf16_flops_vs_fp32_peak"] = r["bf16_flops_per_s"] / peak
+            r["bf16_flops_vs_peak"] = r["bf16_flops_per_s"] / r["bf16_matmul_peak_flops_per_s"]
+            r["bf16_gemm_ceiling_vs_peak"] = r["bf16_gemm_ceiling_flops_per_s"] / r["bf16_matmul_peak_flops_per_s"]
         if r.get("compiled_flops_per_s") and peak:
             r["compiled_flops_vs_peak"] = r["compiled_flops_per_s"] / peak
             r["compiled_vs_reference"] = r["compiled_reference_crops_per_s"] / r["reference_crops_per_s"]
+        if r.get("bf16_compiled_flops_per_s"):
+            r["bf16_compiled_vs_reference"] = r["bf16_compiled_reference_crops_per_s"] / r["reference_crops_per_s"]
+            r["bf16_compiled_flops_vs_peak"] = r["bf16_compiled_flops_per_s"] / r["bf16_matmul_peak_flops_per_s"]
         rss = peak_rss_mb()
         r["peak_rss_mb"] = round(rss, 1) if rss is not None else None
         r["rss_after_section_mb"] = self.rss_by_section
@@ -1115,11 +1183,22 @@ TABLE = [
     ("  page faults per step, kept", "allocator_keep_faults_per_step", "", 1.0),
     ("  peak RSS, default", "allocator_default_peak_rss_mb", "MiB", 1.0),
     ("  peak RSS, kept", "allocator_keep_peak_rss_mb", "MiB", 1.0),
+    ("Reference, bf16 autocast (train.amp)", "bf16_reference_crops_per_s", "crops/s", 1.0),
+    ("  fp32 reference, interleaved", "bf16_fp32_reference_crops_per_s", "crops/s", 1.0),
+    ("  speed-up (median of pairs)", "bf16_speedup", "x", 1.0),
+    ("  achieved", "bf16_flops_per_s", "GFLOP/s", 1e-9),
+    ("  bf16 matmul peak", "bf16_matmul_peak_flops_per_s", "GFLOP/s", 1e-9),
+    ("  achieved / bf16 peak", "bf16_flops_vs_peak", "", 1.0),
+    ("  achieved / fp32 peak", "bf16_flops_vs_fp32_peak", "", 1.0),
+    ("  the step's GEMMs in bf16 / bf16 peak", "bf16_gemm_ceiling_vs_peak", "", 1.0),
     ("Reference, torch.compile (--compile)", "compiled_reference_crops_per_s", "crops/s", 1.0),
     ("  achieved", "compiled_flops_per_s", "GFLOP/s", 1e-9),
     ("  compiled / peak", "compiled_flops_vs_peak", "", 1.0),
     ("  compiled / eager reference", "compiled_vs_reference", "", 1.0),
     ("  compile time (first step)", "compile_seconds", "s", 1.0),
+    ("Reference, bf16 + torch.compile", "bf16_compiled_reference_crops_per_s", "crops/s", 1.0),
+    ("  / fp32 eager reference", "bf16_compiled_vs_reference", "x", 1.0),
+    ("  achieved / bf16 peak", "bf16_compiled_flops_vs_peak", "", 1.0),
     ("Embedding (EER.embed_dataset)", "embed_utts_per_s", "utt/s", 1.0),
     ("Embedding, one fixed batch", "embed_fixed_batch_utts_per_s", "utt/s", 1.0),
     ("Cosine scoring", "score_trials_per_s", "trials/s", 1.0),

@@ -109,8 +109,10 @@ def _check_value(key: str, value, default, source: str):
     elif isinstance(default, list):
         if isinstance(value, list):
             return value
+    hint = ("; YAML reads unquoted yes/no/on/off/true/false as a boolean: quote the word"
+            if isinstance(default, str) and isinstance(value, bool) else "")
     raise ConfigError(
-        f"{source}: key '{key}' must be {type(default).__name__} (like the default {default!r}), got {value!r}"
+        f"{source}: key '{key}' must be {type(default).__name__} (like the default {default!r}), got {value!r}{hint}"
     )
 
 
@@ -201,6 +203,7 @@ _CHOICES = {
     "loss.type": ("softmax", "amsoftmax", "aamsoftmax"),
     "train.scheduler": ("cosine", "step", "none"),
     "data.bad_audio": ("error", "skip"),
+    "train.amp": ("auto", "fp32", "bf16", "fp16"),
 }
 
 

@@ -3,6 +3,7 @@
     python train.py --batchsize 64                      # x-vector + GAP + Softmax on the configured data
     python train.py --loss_type amsoftmax --pooling stats --n_folder 001
     python train.py --resume                            # continue saved_model/000 where it stopped
+    python train.py --amp bf16                          # bfloat16 autocast (fast on CPUs with AMX)
 
 Every epoch writes ``saved_model/<n_folder>/checkpoint_<epoch:03d>.pth`` (atomically, self-describing:
 ``EER.py`` rebuilds the model from it alone), appends to ``train_log.csv`` and redraws
@@ -35,11 +36,11 @@ from torch.utils.data import DataLoader
 from checkpoint import (CheckpointError, atomic_write, describe_mismatch, epoch_checkpoint_path,
                         final_checkpoint_name, list_epoch_checkpoints, load_checkpoint, save_checkpoint,
                         stale_temp_files)
-from config import ConfigError, config_path_value, load_config, parse_override, public_config
+from config import ConfigError, config_path_value, key_source, load_config, parse_override, public_config
 from dataset import DataError, SpkTrainDataset, check_training_data, feature_signature
 from demo_corpus import ensure_demo_corpus
 import distributed as dd
-from cpu_runtime import keep_freed_memory, warm_up_vector_math
+from cpu_runtime import keep_freed_memory, native_bfloat16, warm_up_vector_math
 from embedding import select_device
 from speaker_model import build_loss, build_model, describe
 
@@ -52,6 +53,42 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLoss(FloatingPointError):
     """The loss of a step was NaN or infinite (on some rank); the step was not applied."""
+
+
+def amp_dtype_for(cfg: dict, device: torch.device, log=print) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype ``train`` uses for ``train.amp`` on ``device``; None: float32.
+
+    ``auto``: on CUDA bfloat16 where the GPU has it, else float16 (``train`` then adds a gradient
+    scaler); float32 on the CPU (and a hint where the CPU has native bfloat16). ``bf16`` on a CPU
+    without native bfloat16 runs, with a note that it is emulated. Raises ``ConfigError`` for
+    ``fp16`` on the CPU (no fast kernels) and ``bf16`` on a GPU without bfloat16.
+    """
+    setting = cfg["train"]["amp"]
+    where = key_source(cfg, "train.amp")
+    cuda = device.type == "cuda"
+    if setting == "fp32":
+        return None
+    if setting == "auto":
+        if cuda:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native, what = native_bfloat16()
+        if native and device.type == "cpu":
+            log(f"note: this CPU has {what}: --amp bf16 (bfloat16 autocast) trains about 2x faster "
+                "(README, 'bfloat16 training on the CPU')")
+        return None
+    if setting == "fp16":
+        if not cuda:
+            raise ConfigError(f"{where}: train.amp=fp16 needs a CUDA GPU; float16 has no fast {device.type} "
+                              "kernels for these layers (190x slower than fp32 here); use bf16 or fp32")
+        return torch.float16
+    if cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{where}: train.amp=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16; "
+                          "use fp16 (with a gradient scaler) or auto")
+    if not cuda:
+        native, what = native_bfloat16()
+        if not native:
+            log(f"note: train.amp=bf16: {what}, likely slower than train.amp=fp32")
+    return torch.bfloat16
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, x: torch.Tensor,
@@ -110,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (falls back if unsupported)")
+    ap.add_argument("--amp", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                    help="mixed precision (train.amp): auto = bf16/fp16 on a GPU, fp32 on the CPU; "
+                         "bf16 trains ~2x faster on CPUs with AMX or AVX512-BF16")
     return ap
 
 
@@ -118,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     flags = {
         "train.n_folder": args.n_folder, "model.name": args.model, "model.pooling": args.pooling,
         "loss.type": args.loss_type, "train.batchsize": args.batchsize, "train.epochs": args.epochs,
-        "train.lr": args.lr, "train.seed": args.seed, "train.crop_frames": args.crop_frames,
+        "train.lr": args.lr, "train.seed": args.seed, "train.crop_frames": args.crop_frames, "train.amp": args.amp,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})  # unset flags keep --set values
     return load_config(args.config, overrides)
@@ -235,6 +275,10 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         raise ConfigError(f"train.batchsize {tcfg['batchsize']} is the global batch and must be divisible by the "
                           f"{info.world_size} processes")
     batch_per_process = tcfg["batchsize"] // info.world_size
+    amp_dtype = amp_dtype_for(cfg, device, log)
+    if amp_dtype is not None:
+        log(f"mixed precision: torch.autocast {str(amp_dtype).replace('torch.', '')} on {device.type} "
+            f"(train.amp={tcfg['amp']}); weights, optimiser and checkpoints stay float32")
     with dd.main_process_first(info):  # rank 0 generates the demo corpus / fills the feature cache once
         ensure_demo_corpus(cfg["data"]["root"], log=log)
         check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
@@ -267,6 +311,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
 
     history: list[dict] = []
     start_epoch, skip_steps, partial = 1, 0, {"loss": 0.0, "acc": 0.0, "n": 0, "seconds": 0.0}
+    resume_state = None
     if resume:
         path, state = _newest_state(folder)
         if state is None:
@@ -284,6 +329,10 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             optimizer.load_state_dict(state["optimizer_state"])
             scheduler.load_state_dict(state["scheduler_state"])
             _apply_changed_schedule(state["config"]["train"], tcfg, optimizer, scheduler, log)
+            resume_state = state
+            old_amp = state["config"]["train"].get("amp", "auto")
+            if old_amp != tcfg["amp"]:
+                log(f"note: train.amp changed from {old_amp} to {tcfg['amp']} for the resumed run")
             history = list(state.get("history", []))
             start_epoch = state["epoch"] + 1
             skip_steps = state.get("step_in_epoch", 0)
@@ -313,9 +362,9 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             train_model = torch.compile(model)
         except Exception as e:  # platform without a working compiler
             log(f"note: torch.compile unavailable ({type(e).__name__}: {e}); training uncompiled")
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if resume_state is not None and "scaler_state" in resume_state and scaler.is_enabled():
+        scaler.load_state_dict(resume_state["scaler_state"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     # One module holding every trained weight (network + loss head): one DDP wrapper, one all-reduce.
@@ -328,7 +377,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             compile_pending = False
             t0 = time.perf_counter()
             try:
-                out = train_step(trainer, optimizer, scheduler, scaler, x, y, amp_dtype if use_amp else None, info)
+                out = train_step(trainer, optimizer, scheduler, scaler, x, y, amp_dtype, info)
             except NonFiniteLoss:
                 raise
             except Exception as e:  # no C++ compiler, unsupported op, ...: the step changed no weight yet
@@ -339,7 +388,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             else:
                 log(f"torch.compile: model compiled (first step {time.perf_counter() - t0:.1f}s)")
                 return out
-        return train_step(trainer, optimizer, scheduler, scaler, x, y, amp_dtype if use_amp else None, info)
+        return train_step(trainer, optimizer, scheduler, scaler, x, y, amp_dtype, info)
 
     def base_state(epoch: int) -> dict:
         return {
@@ -347,6 +396,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
             "config": public_config(cfg), "features": feature_signature(cfg["features"]),
             "speakers": list(dataset.speakers), "history": history, "tag": describe(cfg["model"], cfg["loss"]),
+            **({"scaler_state": scaler.state_dict()} if scaler.is_enabled() else {}),
         }
 
     epochs = tcfg["epochs"]

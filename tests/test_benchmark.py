@@ -99,7 +99,7 @@ def test_roofline_keys_are_what_they_claim(quick_result):
         r["batch_size"] / r["reference_crops_per_s"] - r["gemm_seconds_per_step"], rel=1e-9)
 
 
-@pytest.mark.skipif(benchmark.cpu_runtime._glibc() is None, reason="keep_freed_memory is a glibc setting")
+@pytest.mark.skipif(not benchmark.cpu_runtime.has_tunable_malloc(), reason="keep_freed_memory is a glibc setting")
 def test_allocator_comparison_is_paired(quick_result):
     r = quick_result
     assert r["keep_freed_memory"] is True  # config.yaml's default, applied as train.py applies it
@@ -111,6 +111,28 @@ def test_allocator_comparison_is_paired(quick_result):
     for key in ("allocator_default_faults_per_step", "allocator_keep_faults_per_step",
                 "allocator_default_peak_rss_mb", "allocator_keep_peak_rss_mb"):
         assert r[key] is not None and r[key] >= 0, key
+
+
+def test_bf16_keys_are_paired_and_consistent(quick_result):
+    r = quick_result
+    native, what = benchmark.cpu_runtime.native_bfloat16()
+    if not native:  # skipped, and says why
+        assert r["bf16_native"] is None and r["bf16_skipped"] == what and "bf16_speedup" not in r
+        return
+    assert r["bf16_native"] == what
+    fp32 = r["stats"]["bf16_fp32_reference_crops_per_s"]["samples"]
+    bf16 = r["stats"]["bf16_reference_crops_per_s"]["samples"]
+    assert len(fp32) == len(bf16) == r["runs"]
+    assert r["bf16_speedup"] == pytest.approx(benchmark.statistics.median([b / a for a, b in zip(fp32, bf16)]),
+                                              rel=1e-9)
+    assert r["bf16_flops_per_s"] == pytest.approx(r["step_flops"] / r["batch_size"] * r["bf16_reference_crops_per_s"],
+                                                  rel=1e-9)
+    assert r["bf16_matmul_peak_flops_per_s"] == max(r["bf16_matmul_by_size"].values())
+    assert r["bf16_flops_vs_peak"] == pytest.approx(r["bf16_flops_per_s"] / r["bf16_matmul_peak_flops_per_s"])
+    assert r["bf16_flops_vs_fp32_peak"] == pytest.approx(r["bf16_flops_per_s"] / r["matmul_peak_flops_per_s"])
+    assert r["bf16_gemm_ceiling_vs_peak"] == pytest.approx(
+        r["step_flops"] / r["bf16_gemm_seconds_per_step"] / r["bf16_matmul_peak_flops_per_s"])
+    assert r["amp_dtype"] is None  # train.amp: auto trains in fp32 on the CPU; bf16 is only this section
 
 
 def test_activation_bytes_and_stock_elementwise_time():

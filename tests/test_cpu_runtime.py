@@ -22,7 +22,7 @@ if str(PROJECT) not in sys.path:
 import cpu_runtime  # noqa: E402
 import train  # noqa: E402
 
-GLIBC = cpu_runtime._glibc() is not None
+GLIBC = cpu_runtime.has_tunable_malloc()
 
 # Allocate, touch and free a 64 MiB tensor (the size of the x-vector's widest activation) 20 times;
 # count the minor page faults of the last 5 rounds. With the setting, glibc's heap needs a few rounds

@@ -2,6 +2,8 @@
 
     python scripts/tdnn_formulations.py --json bench_results/tdnn_formulations.json
     python scripts/tdnn_formulations.py --compile      # also the torch.compile variants (~1 min more)
+    python scripts/tdnn_formulations.py --compile --amp bf16   # the same steps under bfloat16 autocast
+    python scripts/tdnn_formulations.py --compile --compile_mode max-autotune
 
 The question it answers (README, "Performance"): is there a faster correct formulation of the
 training step than ``xvector.Xvector`` with ``nn.Conv1d`` -> ReLU -> BatchNorm1d? Each candidate
@@ -20,6 +22,9 @@ Formulations
     conv1d_compiled    ``torch.compile`` of the Conv1d model (``--compile``)
     matmul_compiled    ``torch.compile`` of the matmul formulation written in plain ops, each
                        BatchNorm folded into the next layer's weights (``--compile``)
+
+``--amp bf16`` runs every step under ``torch.autocast("cpu", torch.bfloat16)`` as ``train.amp: bf16``
+does (the float64 check is unchanged); ``--compile_mode`` is passed to ``torch.compile``.
 
 Nothing here is used by training; the numbers are what the README quotes.
 """
@@ -57,6 +62,7 @@ class ShiftedMatmulTDNN(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.bfloat16)  # only under autocast
     def forward(ctx, x, weight, bias, batch: int, frames: int, dilation: int):
         out_ch, kernel = weight.shape[0], weight.shape[2]
         context = (kernel - 1) * dilation
@@ -72,6 +78,7 @@ class ShiftedMatmulTDNN(torch.autograd.Function):
         return y.as_strided((batch, out_frames, out_ch), (frames * out_ch, out_ch, 1)).reshape(-1, out_ch)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
         x, taps = ctx.saved_tensors
         batch, frames, dilation, kernel, context, rows, out_frames = ctx.shape
@@ -133,10 +140,10 @@ def folded_forward(net: Xvector, x: torch.Tensor) -> torch.Tensor:
 
 
 FORMULATIONS = {
-    "conv1d": lambda net: net,
-    "matmul": lambda net: (lambda x: matmul_forward(net, x)),
-    "conv1d_compiled": lambda net: torch.compile(net),
-    "matmul_compiled": lambda net: torch.compile(lambda x: folded_forward(net, x)),
+    "conv1d": lambda net, mode: net,
+    "matmul": lambda net, mode: (lambda x: matmul_forward(net, x)),
+    "conv1d_compiled": lambda net, mode: torch.compile(net, mode=mode),
+    "matmul_compiled": lambda net, mode: torch.compile(lambda x: folded_forward(net, x), mode=mode),
 }
 EAGER_EQUIVALENT = {"matmul": matmul_forward, "matmul_compiled": folded_forward}
 
@@ -161,8 +168,11 @@ def max_relative_errors(name: str, batch: int = 4, frames: int = 60, n_mfcc: int
 
 
 def time_steps(names: list[str], batch: int, frames: int, n_mfcc: int, n_classes: int, runs: int,
-               steps: int) -> dict:
-    """Median seconds per training step of each formulation; formulations interleaved per run."""
+               steps: int, amp_dtype: torch.dtype | None = None, compile_mode: str | None = None) -> dict:
+    """Median seconds per training step of each formulation; formulations interleaved per run.
+
+    ``amp_dtype``: run forward and loss under ``torch.autocast("cpu", amp_dtype)`` (None: float32).
+    """
     torch.manual_seed(0)
     x = torch.randn(batch, n_mfcc, frames)
     y = torch.randint(0, n_classes, (batch,))
@@ -172,11 +182,12 @@ def time_steps(names: list[str], batch: int, frames: int, n_mfcc: int, n_classes
         net = Xvector(GlobalAveragePooling(1500), in_channels=n_mfcc).train()
         head = nn.Linear(512, n_classes)
         optimizer = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-3)
-        setups[name] = (FORMULATIONS[name](net), head, optimizer)
+        setups[name] = (FORMULATIONS[name](net, compile_mode), head, optimizer)
 
     def step(name):
         forward, head, optimizer = setups[name]
-        loss = F.cross_entropy(head(forward(x)), y)
+        with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(head(forward(x)).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -207,17 +218,24 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="training steps per repetition (default 3)")
     ap.add_argument("--batch", type=int, default=64, help="crops per step (default 64)")
     ap.add_argument("--frames", type=int, default=200, help="frames per crop (default 200)")
+    ap.add_argument("--amp", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32 (default) or bf16: every step under bfloat16 autocast, as train.amp: bf16")
+    ap.add_argument("--compile_mode", default=None,
+                    help="torch.compile mode for the compiled variants, e.g. max-autotune (default: PyTorch's)")
     args = ap.parse_args(argv)
     names = ["conv1d", "matmul"] + (["conv1d_compiled", "matmul_compiled"] if args.compile else [])
     cpu_runtime.warm_up_vector_math()  # as train.py does
     cpu_runtime.keep_freed_memory()  # as train.py does by default
     result = {"batch": args.batch, "frames": args.frames, "threads": torch.get_num_threads(),
-              "torch_version": torch.__version__, "float64_max_relative_error": {}}
+              "torch_version": torch.__version__, "amp": args.amp, "compile_mode": args.compile_mode,
+              "float64_max_relative_error": {}}
     for name in EAGER_EQUIVALENT:
         worst = max(max_relative_errors(name).values())
         result["float64_max_relative_error"][name] = worst
         print(f"{name}: same function as conv1d, largest relative difference in float64 {worst:.1e}")
-    timings = time_steps(names, args.batch, args.frames, 40, 200, args.runs, args.steps)
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    timings = time_steps(names, args.batch, args.frames, 40, 200, args.runs, args.steps, amp_dtype,
+                         args.compile_mode)
     base = timings["conv1d"]["step_seconds"]
     print(f"\n{'formulation':18s} {'step s':>8s} {'vs conv1d':>10s} {'first step s':>13s}")
     for name, t in timings.items():

@@ -217,3 +217,38 @@ def test_other_tdnn_formulations_compute_the_same_function():
             tdnn_formulations.GlobalAveragePooling(48), 20, 32, 48, 16).parameters()))
         assert max(errors.values()) < 1e-10, (name, errors)
 
+
+
+def test_shifted_matmul_tdnn_under_bfloat16_autocast():
+    """``--amp bf16`` times the GEMM form under autocast as train.amp does: it must then compute in
+    bfloat16, hand float32 parameters float32 gradients, and be as close to the float32 model as the
+    Conv1d model under autocast is (a wrong tap or dilation would be off by 100 %, not by rounding)."""
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    try:
+        import tdnn_formulations as tf
+    finally:
+        sys.path.remove(str(PROJECT / "scripts"))
+    torch.manual_seed(0)
+    net = tf.Xvector(tf.GlobalAveragePooling(48), 20, 32, 48, 16).train()
+    x = torch.randn(4, 20, 60)
+
+    def run(forward, amp: bool):
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = forward(x)
+        assert out.dtype == (torch.bfloat16 if amp else torch.float32)
+        out.float().square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        return out.float(), grads
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    out_ref, grads_ref = run(net, amp=False)
+    errors = {}
+    for name, forward in (("conv1d", net), ("matmul", lambda v: tf.matmul_forward(net, v))):
+        out, grads = run(forward, amp=True)
+        errors[name] = (rel(out, out_ref), max(rel(grads[n], grads_ref[n]) for n in grads))
+    assert errors["matmul"][0] < max(2 * errors["conv1d"][0], 0.02), errors
+    assert errors["matmul"][1] < max(2 * errors["conv1d"][1], 0.3), errors

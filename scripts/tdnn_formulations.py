@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--amp", choices=["fp32", "bf16"], default="fp32",
                     help="fp32 (default) or bf16: every step under bfloat16 autocast, as train.amp: bf16")
     ap.add_argument("--compile_mode", default=None,
-                    help="torch.compile mode for the compiled variants, e.g. max-autotune (default: PyTorch's)")
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode for the compiled variants (default: PyTorch's)")
     args = ap.parse_args(argv)
     names = ["conv1d", "matmul"] + (["conv1d_compiled", "matmul_compiled"] if args.compile else [])
     cpu_runtime.warm_up_vector_math()  # as train.py does

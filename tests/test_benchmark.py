@@ -202,15 +202,21 @@ def test_summarize():
     assert one["median"] == one["q1"] == one["q3"] == 4.0 and one["iqr"] == 0.0
 
 
-def test_other_tdnn_formulations_compute_the_same_function():
-    """scripts/tdnn_formulations.py times only formulations that equal the lab's Conv1d x-vector:
-    output and every parameter gradient agree in float64 (a wrong tap, dilation or dropped row would
-    be off by far more than rounding)."""
+def import_tdnn_formulations():
+    """``scripts/tdnn_formulations.py`` as a module (scripts/ is not a package)."""
     sys.path.insert(0, str(PROJECT / "scripts"))
     try:
         import tdnn_formulations
     finally:
         sys.path.remove(str(PROJECT / "scripts"))
+    return tdnn_formulations
+
+
+def test_other_tdnn_formulations_compute_the_same_function():
+    """scripts/tdnn_formulations.py times only formulations that equal the lab's Conv1d x-vector:
+    output and every parameter gradient agree in float64 (a wrong tap, dilation or dropped row would
+    be off by far more than rounding)."""
+    tdnn_formulations = import_tdnn_formulations()
     for name in tdnn_formulations.EAGER_EQUIVALENT:
         errors = tdnn_formulations.max_relative_errors(name)
         assert len(errors) == 1 + len(list(tdnn_formulations.Xvector(
@@ -218,16 +224,11 @@ def test_other_tdnn_formulations_compute_the_same_function():
         assert max(errors.values()) < 1e-10, (name, errors)
 
 
-
 def test_shifted_matmul_tdnn_under_bfloat16_autocast():
     """``--amp bf16`` times the GEMM form under autocast as train.amp does: it must then compute in
     bfloat16, hand float32 parameters float32 gradients, and be as close to the float32 model as the
     Conv1d model under autocast is (a wrong tap or dilation would be off by 100 %, not by rounding)."""
-    sys.path.insert(0, str(PROJECT / "scripts"))
-    try:
-        import tdnn_formulations as tf
-    finally:
-        sys.path.remove(str(PROJECT / "scripts"))
+    tf = import_tdnn_formulations()
     torch.manual_seed(0)
     net = tf.Xvector(tf.GlobalAveragePooling(48), 20, 32, 48, 16).train()
     x = torch.randn(4, 20, 60)

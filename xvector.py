@@ -57,8 +57,11 @@ class Xvector(nn.Module):
         self.frame_layers = nn.Sequential(*[
             TDNNLayer(widths[i], widths[i + 1], k, d) for i, (k, d) in enumerate(FRAME_LAYERS)
         ])
+        # Handout step 2.2: the pooling, then a linear layer from the pooled vector to the embedding.
+        # =====> code <=====
         self.pooling = pooling
         self.embedding = nn.Linear(pooling.output_dim, embedding_size)
+        # =====> code <=====
         self.stat_channels = stat_channels
         self.embedding_size = embedding_size
 
@@ -70,6 +73,10 @@ class Xvector(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[2] <= CONTEXT:
             raise ValueError(f"x-vector needs more than {CONTEXT} frames, got {x.shape[2]}")
-        h = self.frame_layers(x)
         pooled_lengths = None if lengths is None else self.output_frames(lengths).clamp_min(1)
-        return self.embedding(self.pooling(h, pooled_lengths))
+        # Handout step 2.2: frame layers -> pooling over frames -> embedding.
+        # =====> code <=====
+        h = self.frame_layers(x)                       # (batch, stat_channels, frames - 14)
+        pooled = self.pooling(h, pooled_lengths)       # (batch, pooling.output_dim)
+        return self.embedding(pooled)                  # (batch, embedding_size)
+        # =====> code <=====

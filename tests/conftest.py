@@ -14,11 +14,12 @@ import torch
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
-if str(PROJECT) not in sys.path:
-    sys.path.insert(0, str(PROJECT))
+for _folder in (PROJECT, PROJECT / "tools"):  # the lab's files and svlab; the other commands, imported by their tests
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
-import config  # noqa: E402
-import demo_corpus  # noqa: E402
+from svlab import config  # noqa: E402
+from svlab import demo_corpus  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -16,12 +16,12 @@ PROJECT = Path(__file__).resolve().parents[1]
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-import cpu_runtime  # noqa: E402
-import distributed  # noqa: E402
-import speaker_model  # noqa: E402
+from svlab import cpu_runtime  # noqa: E402
+from svlab import models as speaker_model  # noqa: E402
+from svlab import training  # noqa: E402
 import train  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
+from svlab.checkpoint import INTERRUPTED, load_checkpoint  # noqa: E402
+from svlab.config import ConfigError, load_config  # noqa: E402
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
@@ -30,13 +30,13 @@ CUDA = torch.device("cuda", 0)
 def amp_for(setting: str, device: torch.device) -> tuple[torch.dtype | None, list[str]]:
     lines: list[str] = []
     cfg = load_config(None, {"train.amp": setting})
-    return train.amp_dtype_for(cfg, device, log=lines.append), lines
+    return training.amp_dtype_for(cfg, device, log=lines.append), lines
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_choices(monkeypatch, native):
     why = "AMX-BF16" if native else "this CPU has neither AMX-BF16 nor AVX512-BF16: bfloat16 is emulated there"
-    monkeypatch.setattr(train, "native_bfloat16", lambda: (native, why))
+    monkeypatch.setattr(training, "native_bfloat16", lambda: (native, why))
     dtype, lines = amp_for("auto", CPU)
     assert dtype is None  # fp32 unless asked: the lab's results do not depend on the CPU model
     assert len(lines) == (1 if native else 0) and (not native or "--amp bf16" in lines[0])
@@ -89,22 +89,30 @@ def test_bf16_step_runs_the_layers_in_bf16_and_keeps_fp32_weights():
     model = speaker_model.build_model({"name": "xvector", "pooling": "stats", "embedding_size": 16,
                                        "channels": 32, "stat_channels": 48}, 20)
     head = speaker_model.build_loss({"type": "amsoftmax", "scale": 30.0, "margin": 0.2}, 16, 5)
-    net = distributed.ModelWithHead(model, head).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    model.train()
+    head.train()
+    params = [*model.parameters(), *head.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     seen = []
     hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
              for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
     x, y = torch.randn(4, 20, 60), torch.tensor([0, 1, 2, 3])
-    before = [p.detach().clone() for p in net.parameters()]
-    loss, _ = train.train_step(net, optimizer, scheduler, scaler, x, y, torch.bfloat16)
+    before = [p.detach().clone() for p in params]
+    with training.autocast(CPU, torch.bfloat16):  # train.py's loop body
+        loss, _ = head(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
     for h in hooks:
         h.remove()
     assert seen and all(d is torch.bfloat16 for d in seen)  # autocast ran the convolutions in bf16
     assert torch.isfinite(loss) and loss.dtype is torch.float32
-    assert all(p.dtype is torch.float32 for p in net.parameters())
-    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))  # the step updated the weights
+    assert all(p.dtype is torch.float32 for p in params)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))  # the step updated the weights
 
 
 def test_bf16_training_matches_fp32_closely_and_saves_fp32(make_config, tmp_path):
@@ -150,10 +158,10 @@ def test_fp16_grad_scaler_state_is_saved_and_resumed(make_config, tmp_path, monk
     # fp16 autocast is CUDA-only in train.py; on the tiny model the CPU runs it, which is enough to
     # follow the GradScaler's state through interrupted.pth and --resume.
     monkeypatch.setattr(train, "amp_dtype_for", lambda cfg, device, log=print: torch.float16)
-    from checkpoint import save_checkpoint
+    from svlab.checkpoint import save_checkpoint
     cfg = make_config(tmp_path, {"train.epochs": 2})
     out = train.train(cfg, log=lambda *a, **k: None, stop_after_steps=2)
-    inter = out["run_folder"] / train.INTERRUPTED
+    inter = out["run_folder"] / INTERRUPTED
     state = load_checkpoint(inter)
     assert state["scaler_state"]["scale"] == 65536.0 and state["scaler_state"]["_growth_tracker"] == 2
     state["scaler_state"].update(scale=1024.0, _growth_tracker=7)  # as if it had backed off earlier

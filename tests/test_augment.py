@@ -1,5 +1,6 @@
-"""Data augmentation (augment.py) and its integration in dataset.py: measured SNR, RT60 and lengths,
-SpecAugment masks, offline augmented copies (cache, key, crops), and "off by default changes nothing".
+"""Data augmentation (svlab.augment) and its integration in svlab.feature_cache and dataset.py: measured
+SNR, RT60 and lengths, SpecAugment masks, offline augmented copies (cache, key, crops), and "off by
+default changes nothing".
 Everything is small: one-second signals and the 32-utterance tiny corpus of conftest.py."""
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import augment
-import checkpoint
-import config
+from svlab import augment
+from svlab import checkpoint
+from svlab import config
+from svlab import feature_cache
+from svlab.features import repeat_to
+from svlab.manifests import read_manifest
 import dataset
 import train
 
@@ -19,6 +23,29 @@ def quiet(*args, **kwargs) -> None:
 
 
 SR = 16000
+
+
+def _power(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.mean(x * x)) if x.size else 0.0
+
+
+def snr_db(clean: np.ndarray, noisy: np.ndarray) -> float:
+    """Measured SNR in dB of ``noisy = clean + noise`` (both 1-D, same length): 10 log10(P_clean / P_noise)."""
+    noise = np.asarray(noisy, np.float64) - np.asarray(clean, np.float64)
+    return 10.0 * np.log10(_power(clean) / max(_power(noise), 1e-30))
+
+
+def schroeder_rt60(rir: np.ndarray, sr: int = 16000, fit_db=(-15.0, -45.0)) -> float:
+    """RT60 in seconds estimated from an impulse response by Schroeder backward integration: a line fitted
+    to the energy decay curve (dB) between ``fit_db`` levels, extrapolated to -60 dB."""
+    e = np.asarray(rir, np.float64) ** 2
+    edc = np.cumsum(e[::-1])[::-1]
+    edc_db = 10.0 * np.log10(np.maximum(edc / edc[0], 1e-300))
+    sel = (edc_db <= fit_db[0]) & (edc_db >= fit_db[1])
+    t = np.arange(e.size)[sel] / sr
+    slope = np.polyfit(t, edc_db[sel], 1)[0]  # dB per second
+    return -60.0 / slope
 
 
 def _speechlike(seed: int = 0, seconds: float = 1.0) -> np.ndarray:
@@ -39,16 +66,16 @@ def test_add_noise_meets_the_requested_snr(kind, target):
     others = [_speechlike(s, 0.7) for s in (2, 3, 4, 5)] if kind == "babble" else None
     out = augment.add_noise(wav, np.random.default_rng(7), (target, target), kinds=[kind], others=others)
     assert out.dtype == np.float32 and out.shape == wav.shape and np.all(np.isfinite(out))
-    measured = augment.snr_db(wav, out)  # 10 log10(P_signal / P_(out - wav))
+    measured = snr_db(wav, out)  # 10 log10(P_signal / P_(out - wav))
     assert abs(measured - target) < 0.5, (kind, target, measured)
 
 
 def test_add_noise_snr_range_babble_fallback_and_determinism():
     wav = _speechlike(1)
-    snrs = [augment.snr_db(wav, augment.add_noise(wav, np.random.default_rng(s), (5, 20))) for s in range(30)]
+    snrs = [snr_db(wav, augment.add_noise(wav, np.random.default_rng(s), (5, 20))) for s in range(30)]
     assert min(snrs) >= 5 - 0.5 and max(snrs) <= 20 + 0.5 and max(snrs) - min(snrs) > 5  # drawn over the range
     ssn = augment.add_noise(wav, np.random.default_rng(3), (10, 10), kinds=["babble"], others=None)
-    assert abs(augment.snr_db(wav, ssn) - 10) < 0.5  # speech-shaped noise when no utterances are given
+    assert abs(snr_db(wav, ssn) - 10) < 0.5  # speech-shaped noise when no utterances are given
     a = augment.add_noise(wav, np.random.default_rng(5), (5, 20), others=[_speechlike(9)])
     b = augment.add_noise(wav, np.random.default_rng(5), (5, 20), others=[_speechlike(9)])
     c = augment.add_noise(wav, np.random.default_rng(6), (5, 20), others=[_speechlike(9)])
@@ -71,13 +98,13 @@ def test_reverberation_decays_at_the_requested_rt60(rt60):
     for seed in range(5):
         rir = augment.synth_rir(np.random.default_rng(seed), rt60, SR)
         assert np.all(np.isfinite(rir)) and rir[0] == 1.0
-        est = augment.schroeder_rt60(rir, SR)  # Schroeder backward integration, -15..-45 dB fit
+        est = schroeder_rt60(rir, SR)  # Schroeder backward integration, -15..-45 dB fit
         assert abs(est - rt60) <= 0.25 * rt60, (rt60, seed, est)
     # the same through reverberate(): an impulse in comes out as the (level-scaled) RIR
     impulse = np.zeros(int(1.3 * rt60 * SR), np.float32)
     impulse[0] = 1.0
     out = augment.reverberate(impulse, np.random.default_rng(11), (rt60, rt60), SR)
-    assert abs(augment.schroeder_rt60(out, SR) - rt60) <= 0.25 * rt60
+    assert abs(schroeder_rt60(out, SR) - rt60) <= 0.25 * rt60
 
 
 def test_reverberate_keeps_length_level_and_is_finite():
@@ -131,7 +158,8 @@ def test_spec_augment_masks_exactly_the_requested_ranges(masks):
     feat = np.random.default_rng(0).standard_normal((20, 50)).astype(np.float32) + 5.0  # no zeros
     before = feat.copy()
     for seed in range(15):
-        out, drawn = augment.spec_augment(feat, np.random.default_rng(seed), n_t, max_t, n_f, max_f, return_masks=True)
+        out = augment.spec_augment(feat, np.random.default_rng(seed), n_t, max_t, n_f, max_f)
+        drawn = augment.spec_augment_masks(*feat.shape, np.random.default_rng(seed), n_t, max_t, n_f, max_f)
         assert feat.tobytes() == before.tobytes()  # the input (a cached array) is never modified
         mean = feat.mean(axis=1, keepdims=True)  # masks hold each coefficient's mean over the crop
         rows = _runs(np.all(out == mean, axis=1))
@@ -172,7 +200,7 @@ def test_augment_chain_follows_the_config():
 def test_config_validates_the_augment_section():
     cfg = config.load_config()
     assert cfg["augment"]["copies"] == 0 and cfg["augment"]["spec_augment"] is False  # off by default
-    assert not dataset.augmentation_active(cfg["augment"])
+    assert not feature_cache.augmentation_active(cfg["augment"])
     for bad, text in [({"augment.copies": -1}, "0 or more"), ({"augment.snr_db": [20, 5]}, "low <= high"),
                       ({"augment.noise_types": ["music"]}, "white, pink, babble"),
                       ({"augment.noise_prob": 1.5}, "probability"), ({"augment.rt60": [0, 0.5]}, "positive"),
@@ -181,16 +209,25 @@ def test_config_validates_the_augment_section():
             config.load_config(None, bad)
 
 
+def test_partial_augment_settings_are_completed_from_config_yaml():
+    shipped = config.load_config()["augment"]  # config.yaml is the one source of the defaults
+    assert augment.settings(None) == shipped and augment.settings({}) == shipped
+    assert augment.settings({"copies": 3, "snr_db": [0, 5]}) == {**shipped, "copies": 3, "snr_db": [0, 5]}
+    changed = augment.settings({})
+    changed["noise_types"].append("music")  # a caller's copy never changes the next caller's defaults
+    assert augment.settings({}) == shipped
+
+
 # --------------------------------------------------------------------------- dataset integration
 def _reference_crops(cfg: dict, epochs=(1, 2)) -> tuple[list[np.ndarray], dict]:
     """Features and crops as the code before augmentation made them (load_features, repeat_to, one
     generator per (seed, epoch, i) drawing the crop start), with no disk cache."""
-    utts = dataset.read_manifest(config.config_path_value(cfg, "data.train_manifest"))
+    utts = read_manifest(config.config_path_value(cfg, "data.train_manifest"))
     root = config.config_path_value(cfg, "data.root")
     feat_cfg = {**cfg["features"], "cache_dir": ""}
-    feats, _, _ = dataset.load_features([root / u.relpath for u in utts], feat_cfg, log=quiet, workers=1)
+    feats, _, _ = feature_cache.load_features([root / u.relpath for u in utts], feat_cfg, log=quiet, workers=1)
     crop = cfg["train"]["crop_frames"]
-    feats = [dataset.repeat_to(f, crop) for f in feats]
+    feats = [repeat_to(f, crop) for f in feats]
     crops = {}
     for epoch in epochs:
         for i, f in enumerate(feats):
@@ -246,7 +283,7 @@ def test_copies_are_cached_with_the_clean_features_and_all_used(make_config, tmp
                 assert x.numpy().tobytes() == np.ascontiguousarray(expect).tobytes() and y == ds.labels[i]
     assert all(s == {0, 1, 2} for s in seen.values())
     # a second build reads the cache (no augmentation runs) and gets the same arrays
-    monkeypatch.setattr(dataset, "_augment_one", lambda args: pytest.fail("augmented again despite the cache"))
+    monkeypatch.setattr(feature_cache, "_augment_one", lambda args: pytest.fail("augmented again despite the cache"))
     again = dataset.SpkTrainDataset(cfg, log=quiet)
     assert [[f.tobytes() for f in v] for v in again.versions] == [[f.tobytes() for f in v] for v in ds.versions]
 
@@ -265,22 +302,22 @@ def test_copies_are_deterministic_for_a_seed(make_config, tmp_path):
 
 def test_cache_key_follows_the_offline_augment_settings(make_config, tmp_path, tiny_corpus):
     cfg = make_config(tmp_path)
-    utts = dataset.read_manifest(tiny_corpus.train_manifest)
+    utts = read_manifest(tiny_corpus.train_manifest)
     paths = [tiny_corpus.root / u.relpath for u in utts]
     speakers = [u.speaker for u in utts]
     kept = list(range(len(utts)))
     base = {**cfg["augment"], "copies": 2}
 
     def key(**change) -> str:
-        return dataset._aug_cache_file(paths, cfg["features"], {**base, **change}, kept, speakers, tmp_path).name
+        return feature_cache._aug_cache_file(paths, cfg["features"], {**base, **change}, kept, speakers, tmp_path).name
     k0 = key()
-    assert k0.startswith("mfcc_aug_") and k0 != dataset._cache_file(paths, cfg["features"], tmp_path).name
+    assert k0.startswith("mfcc_aug_") and k0 != feature_cache._cache_file(paths, cfg["features"], tmp_path).name
     for change in [{"copies": 3}, {"seed": 1}, {"snr_db": [0, 10]}, {"rt60": [0.3, 0.9]}, {"noise_types": ["pink"]},
                    {"reverb_prob": 0.1}, {"speed_prob": 0.5}, {"speed_as_new_speakers": True}]:
         assert key(**change) != k0, change
     for online in [{"spec_augment": True}, {"time_masks": 2}, {"max_freq": 8}]:  # online only: same copies
         assert key(**online) == k0, online
-    assert dataset._aug_cache_file(paths, {**cfg["features"], "n_mfcc": 13}, base, kept, speakers, tmp_path).name != k0
+    assert feature_cache._aug_cache_file(paths, {**cfg["features"], "n_mfcc": 13}, base, kept, speakers, tmp_path).name != k0
 
 
 def test_spec_augment_on_crops_is_seeded_like_the_crop(make_config, tmp_path):
@@ -307,8 +344,8 @@ def test_speed_copies_as_new_speakers_and_train_py_uses_them(make_config, tmp_pa
              "augment.spec_augment": True, "train.epochs": 1}
     cfg = make_config(tmp_path, extra)
     ds = dataset.SpkTrainDataset(cfg, log=quiet)
-    n_utts = len(dataset.read_manifest(config.config_path_value(cfg, "data.train_manifest")))
-    base = sorted({u.speaker for u in dataset.read_manifest(config.config_path_value(cfg, "data.train_manifest"))})
+    n_utts = len(read_manifest(config.config_path_value(cfg, "data.train_manifest")))
+    base = sorted({u.speaker for u in read_manifest(config.config_path_value(cfg, "data.train_manifest"))})
     assert len(ds) == 3 * n_utts and sorted(set(ds.speeds)) == [0.9, 1.0, 1.1]
     assert ds.speakers == sorted(base + [f"{s}_sp0.9" for s in base] + [f"{s}_sp1.1" for s in base])
     assert all(len(v) == 2 for v in ds.versions)
@@ -336,12 +373,12 @@ def test_test_utterances_are_never_augmented(make_config, tmp_path):
 def test_worker_pool_gives_the_same_copies_as_one_process(tiny_corpus):
     """Real corpora go through the process pool (64 files or more): babble from the bank handed to the
     workers, same copies as in one process."""
-    utts = dataset.read_manifest(tiny_corpus.train_manifest)
+    utts = read_manifest(tiny_corpus.train_manifest)
     paths = [tiny_corpus.root / u.relpath for u in utts] * 2  # 64 jobs: the pool path
     speakers = [u.speaker for u in utts] * 2
     feat_cfg = {**config.load_config(None, {"features.n_mfcc": 20})["features"], "cache_dir": ""}
     aug = {"copies": 1, "noise_prob": 1.0, "noise_types": ["babble"], "reverb_prob": 0.0}
-    one = dataset.load_training_features(paths, speakers, feat_cfg, aug, log=quiet, workers=1)
-    pool = dataset.load_training_features(paths, speakers, feat_cfg, aug, log=quiet, workers=2)
+    one = feature_cache.load_training_features(paths, speakers, feat_cfg, aug, log=quiet, workers=1)
+    pool = feature_cache.load_training_features(paths, speakers, feat_cfg, aug, log=quiet, workers=2)
     assert len(one.versions) == 64 and all(len(v) == 2 for v in one.versions)
     assert [[f.tobytes() for f in v] for v in one.versions] == [[f.tobytes() for f in v] for v in pool.versions]

@@ -1,21 +1,19 @@
-"""Tests for backend.py: PLDA estimation and scoring, calibration, back-end files, trial sampling."""
+"""Tests for svlab/backend.py and svlab/calibration.py: PLDA estimation and scoring, calibration,
+back-end files, trial sampling."""
 from __future__ import annotations
 
 import os
 import shutil
-import sys
-from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import metrics  # noqa: E402
-from backend import (BackendError, PLDA, ScoreCalibrator, checkpoint_fingerprint, fit_backend,  # noqa: E402
-                     load_backend, make_trials_from_labels, read_backend_meta, save_backend,
-                     split_calibration_speakers)
+from svlab import metrics
+from svlab.backend import PLDA, checkpoint_fingerprint, load_backend, read_backend_meta, save_backend
+from svlab.calibration import ScoreCalibrator, make_trials_from_labels, split_calibration_speakers
+from svlab.errors import BackendError
 
 
 def random_spd(rng, d, scale=1.0, cond=5.0):
@@ -157,18 +155,18 @@ def test_calibrator_recovers_true_llr(n_tar, n_non):
 
 
 def test_bayes_threshold_and_actual_dcf():
-    assert ScoreCalibrator.bayes_threshold(0.5) == 0.0
-    assert ScoreCalibrator.bayes_threshold(0.01) == pytest.approx(np.log(99))
-    assert ScoreCalibrator().bayes_threshold(0.5, c_miss=10, c_fa=1) == pytest.approx(-np.log(10))
-    with pytest.raises(BackendError):
-        ScoreCalibrator.bayes_threshold(1.0)
+    assert metrics.bayes_threshold(0.5) == 0.0
+    assert metrics.bayes_threshold(0.01) == pytest.approx(np.log(99))
+    assert metrics.bayes_threshold(0.5, c_miss=10, c_fa=1) == pytest.approx(-np.log(10))
+    with pytest.raises(metrics.MetricError):
+        metrics.bayes_threshold(1.0)
     # calibrated LLRs thresholded at the Bayes threshold reach (nearly) the minimum DCF
     rng = np.random.default_rng(2)
     x = np.concatenate([rng.normal(2.0, 1.0, 30000), rng.normal(0.0, 1.0, 30000)])
     y = np.concatenate([np.ones(30000, int), np.zeros(30000, int)])
     llr = ScoreCalibrator().fit(3.0 * x + 1.0, y).transform(3.0 * x + 1.0)
     for p in (0.5, 0.1):
-        act = metrics.actual_dcf(llr, y, ScoreCalibrator.bayes_threshold(p), p_target=p)
+        act = metrics.actual_dcf(llr, y, metrics.bayes_threshold(p), p_target=p)
         mn, _ = metrics.min_dcf(llr, y, p_target=p)
         assert act - mn < 0.02
 
@@ -289,6 +287,24 @@ def test_make_trials_from_labels(n_spk, n_utt, max_trials):
         assert tgt.sum() == 3
 
 
+def fit_backend(embeddings, speakers: Sequence, lda_dim: int | None = None, length_norm: bool = True,
+                calibration_fraction: float = 0.2, max_trials: int = 100_000, prior: float = 0.5,
+                seed: int = 0) -> tuple[PLDA, ScoreCalibrator, dict]:
+    """PLDA on most training speakers, calibrated on the held-out rest, in one call (``(plda, calibrator,
+    info)``; ``info["calibration_eer"]``: EER of the PLDA scores on the held-out trials)."""
+    spk = np.array([str(s) for s in speakers])
+    fit_spk, held_spk = split_calibration_speakers(list(spk), calibration_fraction, seed)
+    is_held = np.isin(spk, held_spk)
+    X = np.asarray(embeddings, dtype=np.float64)
+    plda = PLDA().fit(X[~is_held], spk[~is_held], lda_dim=lda_dim, length_norm=length_norm)
+    ia, ib, tgt = make_trials_from_labels(spk[is_held], max_trials=max_trials, seed=seed)
+    raw = plda.score_pairs(X[is_held], ia, ib)
+    cal = ScoreCalibrator().fit(raw, tgt, prior=prior)
+    info = {"fit_speakers": len(fit_spk), "held_out_speakers": len(held_spk), "calibration_trials": int(tgt.size),
+            "calibration_eer": metrics.compute_eer(raw, tgt)[0]}
+    return plda, cal, info
+
+
 def test_fit_backend_end_to_end(gauss_model):
     g = gauss_model
     plda, cal, info = fit_backend(g["X"], g["labels"], lda_dim=None, length_norm=True,
@@ -298,5 +314,5 @@ def test_fit_backend_end_to_end(gauss_model):
     xa, xb, tgt = eval_trials(np.random.default_rng(8), g["B"], g["W"], g["mean"])
     llr = cal.transform(plda.score(xa, xb))
     # calibrated: the Bayes decision at p=0.5 is close to the best threshold
-    act = metrics.actual_dcf(llr, tgt, ScoreCalibrator.bayes_threshold(0.5), p_target=0.5)
+    act = metrics.actual_dcf(llr, tgt, metrics.bayes_threshold(0.5), p_target=0.5)
     assert act - metrics.min_dcf(llr, tgt, p_target=0.5)[0] < 0.05

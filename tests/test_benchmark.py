@@ -1,4 +1,4 @@
-"""benchmark.py: the --quick smoke run writes every documented number, consistently.
+"""tools/benchmark.py: the --quick smoke run writes every documented number, consistently.
 
 The timings themselves are not checked (the test machine is shared and noisy); what is checked is
 that each required key is a finite positive number, that the derived keys are the ratios they claim
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
-PROJECT = Path(__file__).resolve().parents[1]
-if str(PROJECT) not in sys.path:
-    sys.path.insert(0, str(PROJECT))
+import benchmark
+import tdnn_formulations
+from bench import kernels
+from bench.system import summarize
+from svlab import config, cpu_runtime
+from svlab import models as speaker_model
 
-import benchmark  # noqa: E402
-import config  # noqa: E402
-import speaker_model  # noqa: E402
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = subprocess.run([sys.executable, str(PROJECT / "benchmark.py"), "--quick", "--threads", "1",
+    proc = subprocess.run([sys.executable, str(PROJECT / "tools" / "benchmark.py"), "--quick", "--threads", "1",
                            "--json", str(out)], cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"benchmark.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "train / reference" in proc.stdout  # the readable table was printed
@@ -72,7 +74,7 @@ def test_gemm_ceiling_is_the_steps_own_matmuls(quick_result):
     layers = r["gemm_by_layer"]
     assert len(layers) == r["layers_counted"]
     assert sum(g["seconds"] for g in layers) == pytest.approx(r["gemm_seconds_per_step"], rel=1e-9)
-    assert sum(benchmark.gemm_flops(g) for g in layers) == pytest.approx(r["step_flops"], rel=1e-9)
+    assert sum(kernels.gemm_flops(g) for g in layers) == pytest.approx(r["step_flops"], rel=1e-9)
     assert r["gemm_ceiling_flops_per_s"] == pytest.approx(r["step_flops"] / r["gemm_seconds_per_step"], rel=1e-9)
     assert r["gemm_ceiling_vs_peak"] == pytest.approx(
         r["gemm_ceiling_flops_per_s"] / r["matmul_peak_flops_per_s"], rel=1e-9)
@@ -85,7 +87,7 @@ def test_roofline_keys_are_what_they_claim(quick_result):
     r = quick_result
     act = sum(4 * g["groups"] * g["m"] * g["n"] for g in r["gemm_by_layer"] if not g["layer"].startswith("head"))
     assert r["activation_bytes_per_step"] == act
-    assert r["elementwise_passes"] == benchmark.ELEMENTWISE_PASSES == 5
+    assert r["elementwise_passes"] == kernels.ELEMENTWISE_PASSES == 5
     assert r["elementwise_floor_seconds"] == pytest.approx(5 * act / r["memory_bandwidth_bytes_per_s"], rel=1e-9)
     assert r["step_bound_flops_per_s"] == pytest.approx(
         r["step_flops"] / (r["gemm_seconds_per_step"] + r["elementwise_floor_seconds"]), rel=1e-9)
@@ -99,7 +101,7 @@ def test_roofline_keys_are_what_they_claim(quick_result):
         r["batch_size"] / r["reference_crops_per_s"] - r["gemm_seconds_per_step"], rel=1e-9)
 
 
-@pytest.mark.skipif(not benchmark.cpu_runtime.has_tunable_malloc(), reason="keep_freed_memory is a glibc setting")
+@pytest.mark.skipif(not cpu_runtime.has_tunable_malloc(), reason="keep_freed_memory is a glibc setting")
 def test_allocator_comparison_is_paired(quick_result):
     r = quick_result
     assert r["keep_freed_memory"] is True  # config.yaml's default, applied as train.py applies it
@@ -107,7 +109,7 @@ def test_allocator_comparison_is_paired(quick_result):
     kept = r["stats"]["allocator_keep_crops_per_s"]["samples"]
     assert len(default) == len(kept) >= 1
     assert r["allocator_speedup"] == pytest.approx(
-        benchmark.statistics.median([k / d for d, k in zip(default, kept)]), rel=1e-9)
+        statistics.median([k / d for d, k in zip(default, kept)]), rel=1e-9)
     for key in ("allocator_default_faults_per_step", "allocator_keep_faults_per_step",
                 "allocator_default_peak_rss_mb", "allocator_keep_peak_rss_mb"):
         assert r[key] is not None and r[key] >= 0, key
@@ -115,7 +117,7 @@ def test_allocator_comparison_is_paired(quick_result):
 
 def test_bf16_keys_are_paired_and_consistent(quick_result):
     r = quick_result
-    native, what = benchmark.cpu_runtime.native_bfloat16()
+    native, what = cpu_runtime.native_bfloat16()
     if not native:  # skipped, and says why
         assert r["bf16_native"] is None and r["bf16_skipped"] == what and "bf16_speedup" not in r
         return
@@ -123,7 +125,7 @@ def test_bf16_keys_are_paired_and_consistent(quick_result):
     fp32 = r["stats"]["bf16_fp32_reference_crops_per_s"]["samples"]
     bf16 = r["stats"]["bf16_reference_crops_per_s"]["samples"]
     assert len(fp32) == len(bf16) == r["runs"]
-    assert r["bf16_speedup"] == pytest.approx(benchmark.statistics.median([b / a for a, b in zip(fp32, bf16)]),
+    assert r["bf16_speedup"] == pytest.approx(statistics.median([b / a for a, b in zip(fp32, bf16)]),
                                               rel=1e-9)
     assert r["bf16_flops_per_s"] == pytest.approx(r["step_flops"] / r["batch_size"] * r["bf16_reference_crops_per_s"],
                                                   rel=1e-9)
@@ -139,12 +141,12 @@ def test_activation_bytes_and_stock_elementwise_time():
     model = speaker_model.build_model({"name": "xvector", "pooling": "gap", "embedding_size": 16, "channels": 32,
                                        "stat_channels": 48}, 20)
     head = speaker_model.build_loss({"type": "softmax", "scale": 30.0, "margin": 0.2}, 16, 10)
-    gemms = benchmark.layer_gemms(model, head, 4, 20, 60)
+    gemms = kernels.layer_gemms(model, head, 4, 20, 60)
     frames = [56, 52, 46, 46, 46]
     widths = [32, 32, 32, 32, 48]
     # the five frame layers' outputs and the embedding layer's, not the head's logits
-    assert benchmark.activation_bytes(gemms) == 4 * (sum(4 * f * w for f, w in zip(frames, widths)) + 4 * 16)
-    seconds = benchmark.stock_elementwise_seconds(gemms, 4, torch.device("cpu"), reps=2)
+    assert kernels.activation_bytes(gemms) == 4 * (sum(4 * f * w for f, w in zip(frames, widths)) + 4 * 16)
+    seconds = kernels.stock_elementwise_seconds(gemms, 4, torch.device("cpu"), reps=2)
     assert 0 < seconds < 1.0
 
 
@@ -152,14 +154,14 @@ def test_layer_gemms_of_the_xvector():
     model = speaker_model.build_model({"name": "xvector", "pooling": "gap", "embedding_size": 16, "channels": 32,
                                        "stat_channels": 48}, 20)
     head = speaker_model.build_loss({"type": "softmax", "scale": 30.0, "margin": 0.2}, 16, 10)
-    gemms = benchmark.layer_gemms(model, head, 4, 20, 60)
+    gemms = kernels.layer_gemms(model, head, 4, 20, 60)
     frames = [60 - 4, 60 - 8, 60 - 14, 60 - 14, 60 - 14]  # (5,1), (3,2), (3,3), (1,1), (1,1)
     shapes = [(4 * f, k, n) for f, k, n in zip(frames, [20 * 5, 32 * 3, 32 * 3, 32, 32], [32, 32, 32, 32, 48])]
     assert [(g["m"], g["k"], g["n"]) for g in gemms[:5]] == shapes
     assert [g["input_grad"] for g in gemms[:5]] == [False, True, True, True, True]  # the data needs no gradient
     assert [(g["layer"], g["m"], g["k"], g["n"]) for g in gemms[5:]] == [("Linear", 4, 48, 16),
                                                                          ("head_linear", 4, 16, 10)]
-    seconds = benchmark.gemm_seconds(gemms[1], torch.device("cpu"), reps=2)
+    seconds = kernels.gemm_seconds(gemms[1], torch.device("cpu"), reps=2)
     assert 0 < seconds < 1.0
 
 
@@ -189,34 +191,23 @@ def test_analytic_flops_match_flop_counter(quick_result):
 def test_analytic_flops_other_architectures(model_cfg, loss_type):
     model = speaker_model.build_model(model_cfg, 20)
     head = speaker_model.build_loss({"type": loss_type, "scale": 30.0, "margin": 0.2}, model_cfg["embedding_size"], 10)
-    analytic = benchmark.analytic_step_flops(model, head, 4, 20, 60, 10)["step_flops"]
-    counted = benchmark.counted_step_flops(model, head, 4, 20, 60, 10)
+    analytic = kernels.analytic_step_flops(model, head, 4, 20, 60, 10)["step_flops"]
+    counted = kernels.counted_step_flops(model, head, 4, 20, 60, 10)
     assert analytic == pytest.approx(counted, rel=0.05)
 
 
 def test_summarize():
-    st = benchmark.summarize([3.0, 1.0, 2.0, 10.0])
+    st = summarize([3.0, 1.0, 2.0, 10.0])
     assert st["median"] == 2.5 and st["min"] == 1.0 and st["max"] == 10.0 and st["n"] == 4
     assert st["q1"] <= st["median"] <= st["q3"] and st["iqr"] == st["q3"] - st["q1"]
-    one = benchmark.summarize([4.0])
+    one = summarize([4.0])
     assert one["median"] == one["q1"] == one["q3"] == 4.0 and one["iqr"] == 0.0
 
 
-def import_tdnn_formulations():
-    """``scripts/tdnn_formulations.py`` as a module (scripts/ is not a package)."""
-    sys.path.insert(0, str(PROJECT / "scripts"))
-    try:
-        import tdnn_formulations
-    finally:
-        sys.path.remove(str(PROJECT / "scripts"))
-    return tdnn_formulations
-
-
 def test_other_tdnn_formulations_compute_the_same_function():
-    """scripts/tdnn_formulations.py times only formulations that equal the lab's Conv1d x-vector:
+    """tools/tdnn_formulations.py times only formulations that equal the lab's Conv1d x-vector:
     output and every parameter gradient agree in float64 (a wrong tap, dilation or dropped row would
     be off by far more than rounding)."""
-    tdnn_formulations = import_tdnn_formulations()
     for name in tdnn_formulations.EAGER_EQUIVALENT:
         errors = tdnn_formulations.max_relative_errors(name)
         assert len(errors) == 1 + len(list(tdnn_formulations.Xvector(
@@ -228,9 +219,8 @@ def test_shifted_matmul_tdnn_under_bfloat16_autocast():
     """``--amp bf16`` times the GEMM form under autocast as train.amp does: it must then compute in
     bfloat16, hand float32 parameters float32 gradients, and be as close to the float32 model as the
     Conv1d model under autocast is (a wrong tap or dilation would be off by 100 %, not by rounding)."""
-    tf = import_tdnn_formulations()
     torch.manual_seed(0)
-    net = tf.Xvector(tf.GlobalAveragePooling(48), 20, 32, 48, 16).train()
+    net = tdnn_formulations.Xvector(tdnn_formulations.GlobalAveragePooling(48), 20, 32, 48, 16).train()
     x = torch.randn(4, 20, 60)
 
     def run(forward, amp: bool):
@@ -248,7 +238,7 @@ def test_shifted_matmul_tdnn_under_bfloat16_autocast():
 
     out_ref, grads_ref = run(net, amp=False)
     errors = {}
-    for name, forward in (("conv1d", net), ("matmul", lambda v: tf.matmul_forward(net, v))):
+    for name, forward in (("conv1d", net), ("matmul", lambda v: tdnn_formulations.matmul_forward(net, v))):
         out, grads = run(forward, amp=True)
         errors[name] = (rel(out, out_ref), max(rel(grads[n], grads_ref[n]) for n in grads))
     assert errors["matmul"][0] < max(2 * errors["conv1d"][0], 0.02), errors

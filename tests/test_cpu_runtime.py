@@ -1,4 +1,4 @@
-"""cpu_runtime.py: freed tensor memory is reused without page faults (train.keep_freed_memory), and
+"""svlab/cpu_runtime.py: freed tensor memory is reused without page faults (train.keep_freed_memory), and
 oneMKL's vector math gives the same, accurate result at its first multi-threaded call.
 
 Both are measured in fresh processes: neither setting can be undone in this one.
@@ -19,20 +19,20 @@ PROJECT = Path(__file__).resolve().parents[1]
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-import cpu_runtime  # noqa: E402
+from svlab import cpu_runtime  # noqa: E402
 import train  # noqa: E402
 
 GLIBC = cpu_runtime.has_tunable_malloc()
 
 # Allocate, touch and free a 64 MiB tensor (the size of the x-vector's widest activation) 20 times;
 # count the minor page faults of the last 5 rounds. With the setting, glibc's heap needs a few rounds
-# (about 10 here) before the freed block is reused every time: small allocations split it at first.
+# before the freed block is reused every time: small allocations split it at first.
 PROBE = """
 import json, resource, sys
 sys.path.insert(0, {project!r})
 import torch
 if {keep}:
-    import cpu_runtime
+    from svlab import cpu_runtime
     assert cpu_runtime.keep_freed_memory()[0]
 def one_round():
     t = torch.empty(16 * 2 ** 20)
@@ -83,18 +83,19 @@ def test_train_applies_the_config_setting(setting, make_config, tmp_path, monkey
 
 
 def test_setting_is_validated_as_a_boolean(make_config, tmp_path):
-    from config import ConfigError
+    from svlab.config import ConfigError
     with pytest.raises(ConfigError, match="keep_freed_memory"):
         make_config(tmp_path, {"train.keep_freed_memory": "sometimes"})
 
 
 # The race of pytorch/pytorch#188792 as it showed here: threads busy with a big matrix product, then
-# the process's first parallel sqrt; without the warm-up one run in four (11 of 40) got a second
-# thread's half of the result from a low-accuracy kernel.
+# the process's first parallel sqrt; without the warm-up some runs got a second thread's half of the
+# result from a low-accuracy kernel.
 FIRST_CALL_PROBE = """
 import sys
 sys.path.insert(0, {project!r})
-import torch, cpu_runtime
+import torch
+from svlab import cpu_runtime
 cpu_runtime.warm_up_vector_math()
 torch.manual_seed(0)
 v = torch.rand(102400) * 1e-3
@@ -108,7 +109,7 @@ print("SAME" if torch.equal(first, second) else "DIFFERENT")
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="no oneMKL in this torch build: nothing to warm up")
 def test_first_multithreaded_sqrt_equals_the_next_after_warm_up():
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-    for _ in range(10):  # one process is one chance for the race; 10 clean ones: fixed with ~96 % certainty
+    for _ in range(10):  # one process is one chance for the race: 10 clean ones make a fix very likely
         out = subprocess.run([sys.executable, "-c", FIRST_CALL_PROBE.format(project=str(PROJECT))],
                              capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -4,21 +4,22 @@ from __future__ import annotations
 import numpy as np
 import soundfile as sf
 
-import demo_corpus
-from dataset import read_manifest, read_trials
+from svlab import demo_corpus
+from svlab.config import FILES_DIR
+from svlab.manifests import read_manifest, read_trials
 
 
 def test_committed_manifests_are_the_generators():
     for name, lines in demo_corpus.manifests(demo_corpus.DEFAULTS).items():
-        committed = (demo_corpus.FILES_DIR / name).read_text(encoding="utf-8").splitlines()
-        assert committed == lines, f"files/{name} differs from demo_corpus.manifests(); run python demo_corpus.py --files files"
+        committed = (FILES_DIR / name).read_text(encoding="utf-8").splitlines()
+        assert committed == lines, f"files/{name} differs from demo_corpus.manifests(); run python tools/demo_corpus.py --files files"
 
 
 def test_default_manifests_shape():
     p = demo_corpus.DEFAULTS
-    train = read_manifest(demo_corpus.FILES_DIR / "split_train_set.txt")
-    test = read_manifest(demo_corpus.FILES_DIR / "test_set.txt")
-    trials = read_trials(demo_corpus.FILES_DIR / "trials.txt")
+    train = read_manifest(FILES_DIR / "split_train_set.txt")
+    test = read_manifest(FILES_DIR / "test_set.txt")
+    trials = read_trials(FILES_DIR / "trials.txt")
     assert len({u.speaker for u in train}) == p["n_train_speakers"]
     assert len(train) == p["n_train_speakers"] * p["utts_per_speaker"]
     assert len(test) == p["n_test_speakers"] * p["test_utts_per_speaker"]

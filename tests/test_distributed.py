@@ -29,7 +29,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-import distributed  # noqa: E402
+from svlab import distributed  # noqa: E402
 
 WORKER = r'''
 """Tiny DDP training run (written by tests/test_distributed.py)."""
@@ -41,8 +41,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, PROJECT)
-import distributed
-import speaker_model
+from svlab import distributed
+from svlab import models as speaker_model
 
 N_ITEMS, N_MFCC, FRAMES, N_CLASSES, GLOBAL_BATCH, STEPS = 32, 20, 40, 4, 8, 6
 
@@ -61,12 +61,12 @@ def run(info, optimizer_name):
     model = speaker_model.build_model({"name": "xvector", "pooling": "gap", "embedding_size": 16,
                                        "channels": 16}, N_MFCC)
     head = speaker_model.build_loss({"type": "softmax", "scale": 30.0, "margin": 0.2}, 16, N_CLASSES)
-    net = distributed.ModelWithHead(model, head)
-    ddp = distributed.wrap_model(net, info)
+    ddp_model, ddp_head = distributed.wrap_model(model, info), distributed.wrap_model(head, info)  # as train.py
+    params = [*model.parameters(), *head.parameters()]
     if optimizer_name == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     else:
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(params, lr=1e-3)
     data = problem()
     per_process = GLOBAL_BATCH // info.world_size
     losses, local, epoch = [], [], 0
@@ -74,11 +74,12 @@ def run(info, optimizer_name):
         epoch += 1
         sampler = distributed.make_sampler(data, info, seed=3, epoch=epoch)
         for x, y in DataLoader(data, batch_size=per_process, sampler=sampler):
-            net.train()
-            for m in net.modules():
+            model.train()
+            head.train()
+            for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-            loss, _ = ddp(x, y)
+            loss, _ = ddp_head(ddp_model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -86,7 +87,8 @@ def run(info, optimizer_name):
             losses.append(distributed.all_reduce_mean(loss.item(), info))
             if len(losses) == STEPS:
                 break
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    state = {f"{name}.{k}": v.detach().clone() for name, m in (("model", model), ("head", head))
+             for k, v in m.state_dict().items()}
     return {"losses": losses, "local": local, "state": state, "epochs": epoch}
 
 

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import dataset
+from svlab import checkpoint
 import EER
-import metrics
+from svlab import audio, feature_cache, features
+from svlab import metrics
+from svlab.checkpoint import INTERRUPTED, run_folder
+from svlab.errors import DataError, TrainingError
 import train
 
 
@@ -45,7 +47,7 @@ def trained(make_config, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e_run")
     cfg = make_config(work)
     result = train.train(cfg, log=quiet)
-    return SimpleNamespace(cfg=cfg, work=work, result=result, folder=train.run_folder(cfg))
+    return SimpleNamespace(cfg=cfg, work=work, result=result, folder=run_folder(cfg))
 
 
 def test_training_writes_checkpoints_log_and_curves(trained, tiny_corpus):
@@ -56,7 +58,7 @@ def test_training_writes_checkpoints_log_and_curves(trained, tiny_corpus):
                  "train_log.csv", "curves.png", "config.yaml"):
         assert (folder / name).is_file(), name
     assert trained.result["final_checkpoint"] == folder / "xvector_gap_softmax_checkpoint.pth"
-    assert not (folder / train.INTERRUPTED).exists()
+    assert not (folder / INTERRUPTED).exists()
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
     old = checkpoint.load_checkpoint(folder / "checkpoint_001.pth")
@@ -118,14 +120,14 @@ def test_evaluate_writes_scores_metrics_and_roc(trained, tiny_corpus):
 
     # one trial re-scored by hand: audio -> MFCC -> model -> cosine
     state = checkpoint.load_checkpoint(ckpt)
-    from speaker_model import model_from_checkpoint
+    from svlab.models import model_from_checkpoint
     model = model_from_checkpoint(state)
     feat_cfg = state["config"]["features"]
     embs = []
     for rel in trial_lines[0][:2]:
-        wav = dataset.load_audio(tiny_corpus.root / rel, feat_cfg["sample_rate"])
+        wav = audio.load_audio(tiny_corpus.root / rel, feat_cfg["sample_rate"])
         with torch.no_grad():
-            embs.append(model(torch.from_numpy(dataset.mfcc(wav, feat_cfg))[None])[0])
+            embs.append(model(torch.from_numpy(features.mfcc(wav, feat_cfg))[None])[0])
     by_hand = torch.nn.functional.cosine_similarity(embs[0], embs[1], dim=0).item()
     assert scores[0] == pytest.approx(by_hand, abs=1e-4)
 
@@ -151,7 +153,7 @@ def test_trials_naming_unknown_utterances_are_reported(trained, tiny_corpus, mak
     bad.write_text("\n".join(lines[:3] + [f"{enroll} S9999/S9999W0001.wav 0", f"S8888/x.wav {enroll} 1"]) + "\n",
                    encoding="utf-8")
     cfg = make_config(trained.work, {"test.trials": str(bad)})
-    with pytest.raises(dataset.DataError) as err:
+    with pytest.raises(DataError) as err:
         EER.evaluate(cfg, trained.result["final_checkpoint"], out_dir=tmp_path / "eval", log=quiet)
     msg = str(err.value)
     assert str(bad) in msg and "line 4: S9999/S9999W0001.wav" in msg and "line 5: S8888/x.wav" in msg
@@ -221,7 +223,7 @@ def test_eer_main_set_n_folder_is_applied(trained, write_config_yaml, capsys):
 
 def test_training_again_in_same_folder_needs_resume_or_overwrite(trained):
     before = sorted(p.name for p in trained.folder.iterdir())
-    with pytest.raises(train.TrainingError, match="resume"):
+    with pytest.raises(TrainingError, match="resume"):
         train.train(trained.cfg, log=quiet)
     assert sorted(p.name for p in trained.folder.iterdir()) == before
 
@@ -244,13 +246,13 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(straight_run, ma
     plan = {"mid_epoch_2": [spe + 2], "end_of_epoch_1": [spe], "twice": [1, spe + 1]}[stops]
     cfg = make_config(tmp_path, {"train.epochs": 4,
                                  "features.cache_dir": straight_run.cfg["features"]["cache_dir"]})
-    folder = train.run_folder(cfg)
+    folder = run_folder(cfg)
     done = 0
     for i, n in enumerate(plan):
         partial = train.train(cfg, resume=i > 0, log=quiet, stop_after_steps=n)
         done += n
         assert partial["interrupted"] is True
-        inter = checkpoint.load_checkpoint(folder / train.INTERRUPTED)
+        inter = checkpoint.load_checkpoint(folder / INTERRUPTED)
         assert (inter["epoch"], inter["step_in_epoch"]) == ((done - 1) // spe, (done - 1) % spe + 1)
         assert list(checkpoint.list_epoch_checkpoints(folder)) == list(range(1, (done - 1) // spe + 1))
     if stops == "mid_epoch_2":
@@ -258,14 +260,14 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(straight_run, ma
 
     resumed = train.train(cfg, resume=True, log=quiet)
     assert resumed["interrupted"] is False
-    assert not (folder / train.INTERRUPTED).exists()
+    assert not (folder / INTERRUPTED).exists()
     a, b = straight_run.result["history"], resumed["history"]
     assert [h["epoch"] for h in a] == [h["epoch"] for h in b] == [1, 2, 3, 4]
     for ha, hb in zip(a, b):
         assert hb["loss"] == pytest.approx(ha["loss"], abs=1e-5), (ha, hb)
         assert hb["acc"] == pytest.approx(ha["acc"], abs=1e-3)
         assert hb["lr"] == pytest.approx(ha["lr"], rel=1e-9)
-    wa = checkpoint.load_checkpoint(train.run_folder(straight_run.cfg) / "checkpoint_004.pth")["model_state"]
+    wa = checkpoint.load_checkpoint(run_folder(straight_run.cfg) / "checkpoint_004.pth")["model_state"]
     wb = checkpoint.load_checkpoint(folder / "checkpoint_004.pth")["model_state"]
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
@@ -277,7 +279,7 @@ def test_amsoftmax_stats_run_trains_and_evaluates(make_config, tmp_path):
     cfg = make_config(tmp_path, {"train.epochs": 1, "model.pooling": "stats", "loss.type": "amsoftmax",
                                  "loss.margin": 0.2, "loss.margin_warmup_epochs": 2})
     result = train.train(cfg, log=quiet)
-    folder = train.run_folder(cfg)
+    folder = run_folder(cfg)
     assert result["final_checkpoint"] == folder / "xvector_stats_amsoftmax_checkpoint.pth"
     record = result["history"][0]
     assert math.isfinite(record["loss"])
@@ -295,12 +297,12 @@ def test_run_without_mean_normalisation_is_evaluated_without_it(make_config, tmp
     assert state["features"]["mean_norm"] is False
     assert state["model_state"]["frame_layers.4.conv.weight"].shape[0] == 24  # model.stat_channels
     seen = []
-    real_mfcc = dataset.mfcc
+    real_mfcc = features.mfcc
 
     def spy(wav, feat_cfg, mean_norm=None):
         seen.append(feat_cfg.get("mean_norm") if mean_norm is None else mean_norm)
         return real_mfcc(wav, feat_cfg, mean_norm)
-    monkeypatch.setattr(dataset, "mfcc", spy)
+    monkeypatch.setattr(feature_cache, "mfcc", spy)  # the MFCC of every file load_features reads
     default_cfg = make_config(tmp_path)  # the shipped default (true): the checkpoint's setting wins
     out = EER.evaluate(default_cfg, result["final_checkpoint"], out_dir=tmp_path / "eval", log=quiet)
     assert seen and set(seen) == {False}

@@ -1,5 +1,5 @@
 """experiments.py: table files, the running order, and a two-variant table end to end on the tiny corpus
-(train.main + EER.main for real, figures read back from the files they wrote)."""
+(train.py and EER.py run as processes, figures read back from the files they wrote)."""
 from __future__ import annotations
 
 import csv
@@ -11,8 +11,8 @@ import yaml
 
 import experiments
 from conftest import nest, tiny_overrides
-import config
-from config import ConfigError
+from svlab import config
+from svlab.config import ConfigError
 
 
 def _write(path: Path, data) -> Path:

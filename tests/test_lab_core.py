@@ -1,28 +1,25 @@
-"""Unit tests of the lab foundation: pooling, x-vector, loss heads, metrics, checkpoints, config, data.
+"""Unit tests of the lab foundation: pooling, x-vector, loss heads, metrics, checkpoints, atomic writes.
+(Configuration: test_config.py; manifests, audio and features: test_data.py.)
 
 Expected values are computed independently in the tests (formulas from the handout, brute-force
 metric sweeps), never copied from the code's output.
 """
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import config
-import dataset
-import embedding
+from svlab import checkpoint, files
+from svlab import config
 import loss
-import metrics
+from svlab import metrics
 import pooling
-import speaker_model
+from svlab import models as speaker_model
 import xvector
 
 
@@ -528,380 +525,20 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path, exc, expected):
     target = tmp_path / "target.txt"
     target.write_text("previous content")
     with pytest.raises(expected):
-        checkpoint.atomic_write(target, _half_then(exc))
+        files.atomic_write(target, _half_then(exc))
     assert target.read_text() == "previous content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target.txt"]
 
 
 def test_atomic_write_failure_without_previous_file_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
-        checkpoint.atomic_write(tmp_path / "new.txt", _half_then(RuntimeError("boom")))
+        files.atomic_write(tmp_path / "new.txt", _half_then(RuntimeError("boom")))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_write_success_replaces_content(tmp_path):
     target = tmp_path / "deep" / "target.txt"
-    checkpoint.atomic_write(target, lambda tmp: tmp.write_text("one"))
-    checkpoint.atomic_write(target, lambda tmp: tmp.write_text("two"))
+    files.atomic_write(target, lambda tmp: tmp.write_text("one"))
+    files.atomic_write(target, lambda tmp: tmp.write_text("two"))
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["target.txt"]
-
-
-# =========================================================================== config
-def test_windows_separators_in_user_config(tmp_path):
-    user = tmp_path / "win.yaml"
-    user.write_text("data:\n  root: 'F:\\DataSet\\Aishell\\ALL'\n"
-                    "  train_manifest: 'files\\split_train_set.txt'\n", encoding="utf-8")
-    cfg = config.load_config(user)
-    assert cfg["data"]["root"] == "F:\\DataSet\\Aishell\\ALL"
-    manifest = config.config_path_value(cfg, "data.train_manifest")
-    assert manifest == config.PROJECT_ROOT / "files" / "split_train_set.txt"
-    assert "\\" not in str(manifest)
-    root = config.config_path_value(cfg, "data.root")
-    if os.name != "nt":
-        assert str(root) == "F:/DataSet/Aishell/ALL"  # the drive path is kept, not joined to the project
-    assert not str(root).startswith(str(config.PROJECT_ROOT))
-    assert cfg["_config_path"] == str(user)
-
-
-def test_relative_paths_resolve_against_project_root_not_cwd(tmp_path, monkeypatch):
-    (tmp_path / "mine.yaml").write_text("test:\n  trials: files/trials.txt\n", encoding="utf-8")
-    monkeypatch.chdir(tmp_path)
-    cfg = config.load_config("mine.yaml")  # the --config file itself is relative to the cwd
-    assert cfg["_config_path"] == str(tmp_path / "mine.yaml")
-    trials = config.config_path_value(cfg, "test.trials")
-    assert trials == config.PROJECT_ROOT / "files" / "trials.txt"
-    assert trials.is_absolute()
-    assert config.resolve_path("saved_model\\000") == config.PROJECT_ROOT / "saved_model" / "000"
-    absolute = tmp_path / "elsewhere" / "x.txt"
-    assert config.resolve_path(str(absolute)) == absolute
-
-
-def test_empty_path_is_a_config_error():
-    cfg = config.load_config(None, {"test.trials": ""})
-    with pytest.raises(config.ConfigError, match="test.trials"):
-        config.config_path_value(cfg, "test.trials")
-
-
-def test_backslash_relpaths_give_the_same_keys(tmp_path):
-    fwd, back = tmp_path / "fwd.txt", tmp_path / "back.txt"
-    fwd.write_text("S0001 S0001/S0001W0001.wav\nS0002 ./S0002/S0002W0003.wav\n", encoding="utf-8")
-    back.write_text("S0001 S0001\\S0001W0001.wav\nS0002 .\\S0002\\S0002W0003.wav\n", encoding="utf-8")
-    keys_fwd = [u.relpath for u in dataset.read_manifest(fwd)]
-    keys_back = [u.relpath for u in dataset.read_manifest(back)]
-    assert keys_fwd == keys_back == ["S0001/S0001W0001.wav", "S0002/S0002W0003.wav"]
-
-    tf, tb = tmp_path / "trials_fwd.txt", tmp_path / "trials_back.txt"
-    tf.write_text("S0001/S0001W0001.wav S0002/S0002W0003.wav 0\n", encoding="utf-8")
-    tb.write_text("S0001\\S0001W0001.wav S0002\\S0002W0003.wav 0\n", encoding="utf-8")
-    a, b = dataset.read_trials(tf)[0], dataset.read_trials(tb)[0]
-    assert (a.enroll, a.test, a.label) == (b.enroll, b.test, b.label)
-    assert a.enroll in keys_fwd and a.test in keys_fwd
-
-
-def test_duplicate_detection_sees_through_separators(tmp_path):
-    path = tmp_path / "mixed.txt"
-    path.write_text("S0001 S0001/a.wav\nS0001 S0001\\a.wav\n", encoding="utf-8")
-    with pytest.raises(dataset.DataError, match="line 2"):
-        dataset.read_manifest(path)
-
-
-def test_unknown_key_suggests_the_right_one(tmp_path):
-    user = tmp_path / "typo.yaml"
-    user.write_text("train:\n  epoch: 5\n", encoding="utf-8")
-    with pytest.raises(config.ConfigError) as err:
-        config.load_config(user)
-    msg = str(err.value)
-    assert "train.epoch" in msg and "did you mean 'train.epochs'" in msg and str(user) in msg
-    with pytest.raises(config.ConfigError, match="did you mean 'loss.margin'"):
-        config.load_config(None, {"loss.margn": 0.3})
-    with pytest.raises(config.ConfigError, match="trainn"):
-        config.load_config(None, {"trainn.lr": 0.1})
-
-
-@pytest.mark.parametrize("key,value", [("train.epochs", "many"), ("train.epochs", True), ("train.epochs", 2.5),
-                                       ("train.lr", "fast"), ("model.name", 3.0), ("features.n_mfcc", [20])])
-def test_wrong_type_names_the_key(key, value):
-    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
-        config.load_config(None, {key: value})
-
-
-def test_section_given_as_value_and_value_as_section(tmp_path):
-    user = tmp_path / "bad.yaml"
-    user.write_text("train: 5\n", encoding="utf-8")
-    with pytest.raises(config.ConfigError, match="train"):
-        config.load_config(user)
-    user.write_text("train:\n  lr:\n    value: 1\n", encoding="utf-8")
-    with pytest.raises(config.ConfigError, match="train.lr"):
-        config.load_config(user)
-
-
-def test_value_checks_and_coercion():
-    cfg = config.load_config(None, {"train.lr": 1, "train.epochs": 3})
-    assert isinstance(cfg["train"]["lr"], float) and cfg["train"]["lr"] == 1.0
-    assert cfg["train"]["epochs"] == 3
-    with pytest.raises(config.ConfigError, match="loss.type"):
-        config.load_config(None, {"loss.type": "arcface"})
-    with pytest.raises(config.ConfigError, match="train.batchsize"):
-        config.load_config(None, {"train.batchsize": 0})
-    with pytest.raises(config.ConfigError, match="n_mfcc"):
-        config.load_config(None, {"features.n_mfcc": 80, "features.n_mels": 40})
-    assert config.load_config(None, {"train.epochs": None})["train"]["epochs"] == \
-        config.load_config(None)["train"]["epochs"]  # None = flag not given
-
-
-def test_invalid_yaml_and_missing_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  lr: [1, 2\n", encoding="utf-8")
-    with pytest.raises(config.ConfigError, match="bad.yaml"):
-        config.load_config(bad)
-    with pytest.raises(config.ConfigError, match="not found"):
-        config.load_config(tmp_path / "nope.yaml")
-    top = tmp_path / "list.yaml"
-    top.write_text("- 1\n- 2\n", encoding="utf-8")
-    with pytest.raises(config.ConfigError):
-        config.load_config(top)
-
-
-def test_user_config_with_bom_is_read(tmp_path):
-    user = tmp_path / "bom.yaml"
-    user.write_bytes("\ufefftrain:\r\n  epochs: 7\r\n".encode("utf-8"))
-    assert config.load_config(user)["train"]["epochs"] == 7
-
-
-def test_parse_override():
-    assert config.parse_override("train.lr=0.002") == ("train.lr", 0.002)
-    assert config.parse_override("train.epochs=12") == ("train.epochs", 12)
-    assert config.parse_override(" loss.type = amsoftmax") == ("loss.type", "amsoftmax")
-    assert config.parse_override("train.compile=true") == ("train.compile", True)
-    assert config.parse_override("data.root=F:\\DataSet\\Aishell\\ALL") == ("data.root", "F:\\DataSet\\Aishell\\ALL")
-    assert config.parse_override("a.b=x=y") == ("a.b", "x=y")
-    assert config.parse_override("features.cache_dir=") == ("features.cache_dir", "")
-    with pytest.raises(config.ConfigError, match="KEY=VALUE"):
-        config.parse_override("train.lr")
-
-
-def test_override_applies_through_load_config():
-    cfg = config.load_config(None, dict([config.parse_override("train.lr=0.002"),
-                                         config.parse_override("loss.type=amsoftmax")]))
-    assert cfg["train"]["lr"] == 0.002 and cfg["loss"]["type"] == "amsoftmax"
-
-
-def test_set_string_key_keeps_leading_zeros():
-    cfg = config.load_config(None, dict([config.parse_override("train.n_folder=001")]))
-    assert cfg["train"]["n_folder"] == "001"
-
-
-def test_float_keys_accept_exponent_notation(tmp_path):
-    user = tmp_path / "exp.yaml"
-    user.write_text("train:\n  lr: 1e-3\n  weight_decay: 1e-5\n", encoding="utf-8")
-    cfg = config.load_config(user)
-    assert cfg["train"]["lr"] == 0.001 and cfg["train"]["weight_decay"] == 1e-5
-    cfg = config.load_config(None, dict([config.parse_override("train.lr=2e-3")]))
-    assert cfg["train"]["lr"] == 0.002
-
-
-def test_config_context_constant_matches_the_model():
-    if not hasattr(config, "XVECTOR_CONTEXT"):
-        pytest.skip("config.XVECTOR_CONTEXT not defined in this version")
-    assert config.XVECTOR_CONTEXT == xvector.CONTEXT == sum((k - 1) * d for k, d in xvector.FRAME_LAYERS)
-
-
-# =========================================================================== manifests and trials
-def test_manifest_errors_listed_together_with_file_and_lines(tmp_path):
-    path = tmp_path / "train_list.txt"
-    path.write_text("S1 S1/a.wav\n"
-                    "lonely_field\n"
-                    "S1 S1/b.wav\n"
-                    "S2 S1/a.wav\n"
-                    "\n"
-                    "also_alone\n", encoding="utf-8")
-    with pytest.raises(dataset.DataError) as err:
-        dataset.read_manifest(path)
-    msg = str(err.value)
-    assert str(path) in msg
-    assert "3 bad line" in msg
-    for line in ("line 2", "line 4", "line 6"):
-        assert line in msg
-    assert "line 1" in msg  # the duplicate names where the file was first listed
-    assert "line 3" not in msg
-
-
-def test_manifest_bom_crlf_and_blank_lines(tmp_path):
-    path = tmp_path / "win_manifest.txt"
-    path.write_bytes(b"\xef\xbb\xbfS0001 S0001\\a.wav\r\n\r\n  \r\nS0002 S0002\\b.wav\r\n\r\n")
-    utts = dataset.read_manifest(path)
-    assert [(u.speaker, u.relpath, u.line) for u in utts] == [("S0001", "S0001/a.wav", 1),
-                                                              ("S0002", "S0002/b.wav", 4)]
-
-
-def test_manifest_missing_empty_and_not_utf8(tmp_path):
-    with pytest.raises(dataset.DataError, match="data.train_manifest"):
-        dataset.read_manifest(tmp_path / "nope.txt", key="data.train_manifest")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n", encoding="utf-8")
-    with pytest.raises(dataset.DataError, match="empty.txt"):
-        dataset.read_manifest(empty)
-    latin = tmp_path / "latin.txt"
-    latin.write_bytes("S1 caf\u00e9.wav\n".encode("latin-1"))
-    with pytest.raises(dataset.DataError, match="UTF-8"):
-        dataset.read_manifest(latin)
-
-
-def test_manifest_problem_list_is_capped(tmp_path):
-    path = tmp_path / "many_bad.txt"
-    path.write_text("".join(f"bad{i}\n" for i in range(25)), encoding="utf-8")
-    with pytest.raises(dataset.DataError) as err:
-        dataset.read_manifest(path)
-    msg = str(err.value)
-    assert "25 bad line" in msg and "5 more" in msg and "line 20" in msg and "line 21:" not in msg
-
-
-def test_trial_errors_listed_together(tmp_path):
-    path = tmp_path / "my_trials.txt"
-    path.write_text("a.wav b.wav 1\n"
-                    "a.wav c.wav 2\n"
-                    "a.wav c.wav\n"
-                    "b.wav c.wav yes\n"
-                    "a.wav b.wav 0 extra\n"
-                    "b.wav a.wav 0\n", encoding="utf-8")
-    with pytest.raises(dataset.DataError) as err:
-        dataset.read_trials(path)
-    msg = str(err.value)
-    assert str(path) in msg and "4 bad line" in msg
-    for line in ("line 2", "line 3", "line 4", "line 5"):
-        assert line in msg
-    assert "'2'" in msg and "'yes'" in msg
-
-
-def test_trials_bom_crlf_blank_lines(tmp_path):
-    path = tmp_path / "trials.txt"
-    path.write_bytes(b"\xef\xbb\xbfS1\\a.wav S2\\b.wav 1\r\n\r\nS1\\a.wav S3\\c.wav 0\r\n")
-    trials = dataset.read_trials(path)
-    assert [(t.enroll, t.test, t.label, t.line) for t in trials] == [
-        ("S1/a.wav", "S2/b.wav", 1, 1), ("S1/a.wav", "S3/c.wav", 0, 3)]
-    empty = tmp_path / "no_trials.txt"
-    empty.write_text("\r\n", encoding="utf-8")
-    with pytest.raises(dataset.DataError, match="no trials"):
-        dataset.read_trials(empty)
-
-
-# =========================================================================== audio
-def _tone(seconds: float, sr: int, freq: float = 440.0) -> np.ndarray:
-    t = np.arange(int(seconds * sr)) / sr
-    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
-def test_load_audio_mono_16k(tmp_path):
-    wav = _tone(0.5, 16000)
-    path = tmp_path / "mono.wav"
-    sf.write(path, wav, 16000, subtype="FLOAT")
-    out = dataset.load_audio(path, 16000)
-    assert out.dtype == np.float32 and out.ndim == 1
-    np.testing.assert_allclose(out, wav, atol=1e-7)
-
-
-def test_load_audio_bad_files_name_the_file(tmp_path):
-    cases = {}
-    cases["missing.wav"] = tmp_path / "missing.wav"
-    empty = tmp_path / "empty.wav"
-    empty.write_bytes(b"")
-    cases["empty.wav"] = empty
-    noise = tmp_path / "noise.wav"
-    noise.write_bytes(np.random.default_rng(0).bytes(3000))
-    cases["noise.wav"] = noise
-    silent = tmp_path / "silent.wav"
-    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000, subtype="PCM_16")
-    cases["silent.wav"] = silent
-    nan = tmp_path / "nan.wav"
-    data = _tone(0.1, 16000)
-    data[10] = np.nan
-    sf.write(nan, data, 16000, subtype="FLOAT")
-    cases["nan.wav"] = nan
-    for name, path in cases.items():
-        with pytest.raises(dataset.DataError) as err:
-            dataset.load_audio(path, 16000)
-        assert name in str(err.value), str(err.value)
-
-
-def test_load_audio_stereo_is_averaged(tmp_path):
-    left, right = _tone(0.25, 16000, 300.0), _tone(0.25, 16000, 1000.0) * 0.5
-    path = tmp_path / "stereo.wav"
-    sf.write(path, np.stack([left, right], axis=1), 16000, subtype="FLOAT")
-    out = dataset.load_audio(path, 16000)
-    assert out.shape == left.shape
-    np.testing.assert_allclose(out, (left + right) / 2, atol=1e-6)
-
-
-def test_load_audio_resamples_8k_to_16k(tmp_path):
-    path = tmp_path / "phone.wav"
-    sf.write(path, _tone(1.0, 8000, 300.0), 8000, subtype="PCM_16")
-    out = dataset.load_audio(path, 16000)
-    assert abs(out.size - 16000) <= 1
-    # still a 300 Hz tone at the new rate
-    spectrum = np.abs(np.fft.rfft(out[:16000] if out.size >= 16000 else np.pad(out, (0, 16000 - out.size))))
-    assert np.argmax(spectrum) == pytest.approx(300, abs=2)
-
-
-def test_mfcc_shape_and_mean_normalisation():
-    feat_cfg = config.load_config(None, {"features.n_mfcc": 20})["features"]
-    wav = _tone(1.0, 16000) + 0.01 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
-    feats = dataset.mfcc(wav, feat_cfg)
-    assert feats.dtype == np.float32 and feats.shape[0] == 20
-    assert abs(feats.shape[1] - 100) <= 1  # 10 ms hop: about 100 frames per second
-    np.testing.assert_allclose(feats.mean(axis=1), 0.0, atol=1e-4)
-
-
-def test_mfcc_without_mean_normalisation_keeps_the_channel():
-    feat_cfg = config.load_config(None, {"features.n_mfcc": 20, "features.mean_norm": False})["features"]
-    wav = _tone(1.0, 16000) + 0.01 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
-    raw = dataset.mfcc(wav, feat_cfg)
-    normalised = dataset.mfcc(wav, {**feat_cfg, "mean_norm": True})
-    # the only difference is the per-coefficient utterance mean, which is far from 0 for c0
-    np.testing.assert_allclose(raw - raw.mean(axis=1, keepdims=True), normalised, atol=1e-3)
-    assert abs(raw[0].mean()) > 10.0
-    np.testing.assert_array_equal(dataset.mfcc(wav, feat_cfg, mean_norm=True), normalised)
-    # a fixed channel (a 6 dB gain) moves the raw c0 by a constant and leaves normalised MFCCs alone
-    louder = dataset.mfcc(2.0 * wav, feat_cfg)
-    shift = louder[0] - raw[0]
-    assert shift.std() < 0.05 * abs(shift.mean()) and abs(shift.mean()) > 1.0
-    np.testing.assert_allclose(dataset.mfcc(2.0 * wav, {**feat_cfg, "mean_norm": True}), normalised, atol=1e-2)
-
-
-@pytest.mark.parametrize("n_mels,n_mfcc,fmax", [(40, 40, 7600), (80, 80, 8000), (64, 20, 4000)])
-def test_mfcc_equals_librosa_mfcc_of_the_waveform(n_mels, n_mfcc, fmax):
-    # dataset.mfcc unrolls librosa.feature.mfcc(y=...) to cache the filterbank: same numbers
-    import librosa
-    feat_cfg = config.load_config(None, {"features.n_mfcc": n_mfcc, "features.n_mels": n_mels,
-                                         "features.fmax": fmax, "features.mean_norm": False})["features"]
-    wav = np.random.default_rng(n_mels).standard_normal(23_456).astype(np.float32) * 0.1
-    ref = librosa.feature.mfcc(y=wav, sr=16000, n_mfcc=n_mfcc, n_fft=512, hop_length=160, win_length=400,
-                               n_mels=n_mels, fmin=feat_cfg["fmin"], fmax=min(fmax, 8000))
-    for _ in range(2):  # the second call uses the cached filterbank
-        np.testing.assert_allclose(dataset.mfcc(wav, feat_cfg), ref, rtol=0, atol=1e-4)
-    assert dataset._mel_filterbank.cache_info().hits >= 1
-
-
-def test_mean_norm_is_part_of_the_feature_signature_and_legacy_checkpoints_used_it():
-    cfg = config.load_config(None, {})
-    assert cfg["features"]["mean_norm"] is True
-    sig = dataset.feature_signature(cfg["features"])
-    assert sig["mean_norm"] is True
-    legacy = {k: v for k, v in cfg["features"].items() if k != "mean_norm"}
-    assert dataset.feature_signature(legacy) == sig  # written before the key existed: normalised
-    off = config.load_config(None, {"features.mean_norm": False})
-    assert dataset.feature_signature(off["features"]) != sig
-    # a checkpoint from before the key is evaluated with normalisation, whatever the config says ...
-    state = {"config": {"features": legacy}}
-    assert embedding.checkpoint_features(off, state, log=lambda *a: None)["mean_norm"] is True
-    # ... and asking for the other setting explicitly is reported as a mismatch
-    assert checkpoint.describe_mismatch(state["config"], off, sections=("features",)) == [
-        "features.mean_norm: checkpoint True vs config False"]
-
-
-def test_repeat_to_pads_short_utterances():
-    feat = np.arange(6, dtype=np.float32).reshape(2, 3)
-    out = dataset.repeat_to(feat, 7)
-    assert out.shape[1] >= 7
-    np.testing.assert_array_equal(out[:, :7], feat[:, [0, 1, 2, 0, 1, 2, 0]])
-    assert dataset.repeat_to(feat, 2) is feat

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ecapa  # noqa: E402
 import loss as losses  # noqa: E402
 import pooling as poolings  # noqa: E402
-import speaker_model  # noqa: E402
+from svlab import models as speaker_model  # noqa: E402
 
 N_MFCC = 20
 EMB = 16

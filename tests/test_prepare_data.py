@@ -1,4 +1,5 @@
-"""prepare_data.py: layout detection, speaker choice, manifests, trials, archives and config editing.
+"""tools/prepare_data.py and svlab.corpora*: layout detection, speaker choice, manifests,
+trials, archives and config editing.
 
 Fixture corpora are tiny (0.05 s of noise per file) and live in tmp_path; the shared real-speech data
 (../shared/data) is only read, and those tests skip when it is absent.
@@ -15,9 +16,11 @@ import pytest
 import soundfile as sf
 import yaml
 
-import config
-import prepare_data as pd
-from dataset import read_manifest, read_trials
+import prepare_data
+from svlab import config, corpora, corpora_config, corpora_split
+from svlab.corpora import TEST_NAME, TRAIN_NAME, TRIALS_NAME
+from svlab.errors import PrepareError
+from svlab.manifests import read_manifest, read_trials
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SR = 16000
@@ -79,11 +82,11 @@ def make_generic(root: Path, counts: dict[str, int]) -> Path:
 
 def run(root, out, log=None, **kwargs) -> dict:
     lines = [] if log is None else log
-    return pd.prepare(root, out, log=lines.append, **kwargs)
+    return corpora_split.prepare(root, out, log=lines.append, **kwargs)
 
 
 def read_outputs(out: Path):
-    return (read_manifest(out / pd.TRAIN_NAME), read_manifest(out / pd.TEST_NAME), read_trials(out / pd.TRIALS_NAME))
+    return (read_manifest(out / TRAIN_NAME), read_manifest(out / TEST_NAME), read_trials(out / TRIALS_NAME))
 
 
 def check_outputs(root: Path, out: Path) -> tuple[dict, dict]:
@@ -116,11 +119,11 @@ def release(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("sub", ["", "data_aishell", "data_aishell/wav"])
 def test_release_layout_from_any_of_its_roots(release, tmp_path, sub):
     root = release / sub if sub else release
-    layout = pd.detect_layout(root)
+    layout = corpora.detect_layout(root)
     assert layout.kind == "aishell1-release"
     assert len(layout.speakers) == 11 and layout.n_utterances == 44
     assert layout.splits["S0764"] == "test" and layout.splits["S0724"] == "dev" and layout.splits["S0002"] == "train"
-    assert pd.collect(root) == layout.speakers
+    assert corpora.collect(root) == layout.speakers
     summary = run(root, tmp_path, train_speakers=4, utts_per_speaker=3, test_speakers=3, test_utts_per_speaker=2)
     train, test = check_outputs(root, tmp_path)
     assert sorted(test) == ["S0764", "S0765", "S0766"]                 # the official test speakers
@@ -160,10 +163,10 @@ def make_archive_corpus(base: Path) -> Path:
 
 def test_archives_need_extract(tmp_path, capsys):
     root = make_archive_corpus(tmp_path / "corpus")
-    layout = pd.detect_layout(root)
+    layout = corpora.detect_layout(root)
     assert layout.kind == "aishell1-archives" and len(layout.pending_archives) == 5
     out = tmp_path / "out"
-    rc = pd.main(["--root", str(root), "--out", str(out), "--train_speakers", "2", "--test_speakers", "2"])
+    rc = prepare_data.main(["--root", str(root), "--out", str(out), "--train_speakers", "2", "--test_speakers", "2"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--extract" in err and len(err.splitlines()) == 1
     assert not out.exists() and not (root / "data_aishell" / "wav" / "train").exists()
@@ -196,7 +199,7 @@ def test_openslr_download_unpacks_in_two_rounds(tmp_path):
     with tarfile.open(download / "data_aishell.tgz", "w:gz") as tf:
         tf.add(staging / "data_aishell", arcname="data_aishell")
     (download / "resource_aishell.tgz").write_bytes(b"not needed")    # lexicon: never unpacked
-    assert pd.detect_layout(download).kind == "aishell1-archives"
+    assert corpora.detect_layout(download).kind == "aishell1-archives"
     summary = run(download, tmp_path / "out", extract=True, train_speakers=3, test_speakers=2,
                   utts_per_speaker=2, test_utts_per_speaker=2)
     assert summary["layout"] == "aishell1-release" and len(summary["extracted"]) == 6
@@ -224,8 +227,8 @@ def test_extraction_refuses_paths_outside(tmp_path):
         info = tarfile.TarInfo("../../escaped.wav")
         info.size = len(data)
         tf.addfile(info, io.BytesIO(data))
-    with pytest.raises(pd.PrepareError, match="outside"):
-        pd.prepare(tmp_path / "corpus", tmp_path / "out", extract=True, log=lambda *_: None)
+    with pytest.raises(PrepareError, match="outside"):
+        corpora_split.prepare(tmp_path / "corpus", tmp_path / "out", extract=True, log=lambda *_: None)
     assert not (tmp_path / "escaped.wav").exists() and not (tmp_path / "corpus" / "escaped.wav").exists()
 
 
@@ -242,14 +245,14 @@ def test_extraction_skips_links(tmp_path):
         tf.addfile(info, io.BytesIO(data))
     dest = tmp_path / "dest"
     dest.mkdir()
-    assert pd.safe_extract(archive, dest) == 1
+    assert corpora.safe_extract(archive, dest) == 1
     assert not (dest / "train/S0002/link.wav").exists() and (dest / "train/S0002/BAC009S0002W0121.wav").is_file()
 
 
 # --------------------------------------------------------------------------- the handout's ALL/SXXXX layout
 def test_speaker_folders_prefer_official_test_speakers(tmp_path):
     root = make_speaker_folders(tmp_path / "ALL", ["S0002", "S0003", "S0004", "S0005", "S0006", "S0764", "S0800"])
-    layout = pd.detect_layout(root)
+    layout = corpora.detect_layout(root)
     assert layout.kind == "aishell-speaker-folders"
     for seed in (0, 1, 2):
         out = tmp_path / f"out{seed}"
@@ -273,7 +276,7 @@ def test_flat_aishell_names(tmp_path):
         for n in range(5):
             write_audio(root / "AISHELL_Sample_data" / aishell_name(spk, n), seed=n)
             (root / "AISHELL_Sample_data" / aishell_name(spk, n)).with_suffix(".txt").write_text("文本\n", encoding="utf-8")
-    layout = pd.detect_layout(root)
+    layout = corpora.detect_layout(root)
     assert layout.kind == "aishell-flat" and sorted(layout.speakers) == ["S0150", "S0252", "S0300"]
     run(root, tmp_path / "out", train_speakers=1, test_speakers=2, utts_per_speaker=5, test_utts_per_speaker=3)
     train, test = check_outputs(root, tmp_path / "out")
@@ -291,7 +294,7 @@ def generic(tmp_path_factory) -> Path:
 
 
 def test_generic_layout_counts_and_skips(generic, tmp_path):
-    layout = pd.detect_layout(generic)
+    layout = corpora.detect_layout(generic)
     assert layout.kind == "generic" and len(layout.speakers) == 10 and layout.unassigned == ["stray.flac"]
     assert all(p.endswith(".flac") and p.count("/") == 2 for v in layout.speakers.values() for p in v)
     log: list[str] = []
@@ -311,7 +314,7 @@ def test_same_seed_same_files_other_seed_differs(generic, tmp_path):
     def files(seed, name):
         run(generic, tmp_path / name, seed=seed, train_speakers=4, test_speakers=3, utts_per_speaker=3,
             test_utts_per_speaker=3)
-        return [(tmp_path / name / f).read_bytes() for f in (pd.TRAIN_NAME, pd.TEST_NAME, pd.TRIALS_NAME)]
+        return [(tmp_path / name / f).read_bytes() for f in (TRAIN_NAME, TEST_NAME, TRIALS_NAME)]
     assert files(0, "a") == files(0, "b")
     assert files(0, "a") != files(1, "c")
 
@@ -324,7 +327,7 @@ def test_max_trials_is_balanced_and_seeded(generic, tmp_path):
     assert Counter(t.label for t in trials) == {1: 10, 0: 10}
     assert summary["target_trials"] == 10 and summary["nontarget_trials"] == 10
     run(generic, tmp_path / "b", max_trials=20, **kwargs)
-    assert (tmp_path / "a" / pd.TRIALS_NAME).read_bytes() == (tmp_path / "b" / pd.TRIALS_NAME).read_bytes()
+    assert (tmp_path / "a" / TRIALS_NAME).read_bytes() == (tmp_path / "b" / TRIALS_NAME).read_bytes()
     # 45 target pairs exist (3 x C(6,2)); asking for 100 takes them all and fills with non-targets
     run(generic, tmp_path / "c", max_trials=100, **kwargs)
     _, _, trials = read_outputs(tmp_path / "c")
@@ -332,10 +335,10 @@ def test_max_trials_is_balanced_and_seeded(generic, tmp_path):
 
 
 def test_trial_sampling_without_enumeration(monkeypatch):
-    monkeypatch.setattr(pd, "ENUMERATE_LIMIT", 0)
+    monkeypatch.setattr(corpora_split, "ENUMERATE_LIMIT", 0)
     import random
     speakers = [s for s in "abcd" for _ in range(5)]
-    pairs, n_t, n_n = pd.trial_pairs(speakers, 30, random.Random(0))
+    pairs, n_t, n_n = corpora_split.trial_pairs(speakers, 30, random.Random(0))
     pairs = list(pairs)
     assert (n_t, n_n) == (15, 15) and len(set((i, j) for i, j, _ in pairs)) == 30
     assert all(i < j and label == int(speakers[i] == speakers[j]) for i, j, label in pairs)
@@ -343,39 +346,40 @@ def test_trial_sampling_without_enumeration(monkeypatch):
 
 # --------------------------------------------------------------------------- command line and errors
 def test_cli_too_few_speakers_exits_2_with_flags(generic, tmp_path, capsys):
-    rc = pd.main(["--root", str(generic), "--out", str(tmp_path / "out")])
+    rc = prepare_data.main(["--root", str(generic), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "300 training + 20 test" in err
     assert err.endswith("run with e.g. --train_speakers 6 --test_speakers 2 --utts_per_speaker 6 "
                         "--test_utts_per_speaker 6")
     assert not (tmp_path / "out").exists()
-    rc = pd.main(["--root", str(generic), "--train_speakers", "3", "--test_speakers", "2", "--utts_per_speaker", "3"])
+    rc = prepare_data.main(["--root", str(generic), "--train_speakers", "3", "--test_speakers", "2",
+                            "--utts_per_speaker", "3"])
     err = capsys.readouterr().err.strip()             # only the test side is short of utterances
     assert rc == 2 and err.endswith("run with e.g. --test_utts_per_speaker 6") and "2 test speakers with >= 10" in err
 
 
 def test_cli_windows_separators_dry_run_and_printed_keys(generic, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = pd.main(["--root", str(generic).replace("/", "\\"), "--out", str(out), "--train_speakers", "4",
+    rc = prepare_data.main(["--root", str(generic).replace("/", "\\"), "--out", str(out), "--train_speakers", "4",
                   "--test_speakers", "2", "--utts_per_speaker", "3", "--test_utts_per_speaker", "3", "--dry_run"])
     text = capsys.readouterr().out
     assert rc == 0 and not out.exists() and "dry run" in text
     snippet = yaml.safe_load(text[text.index("data:"):])
-    assert snippet["data"]["root"] == str(generic) and snippet["test"]["trials"] == str(out / pd.TRIALS_NAME)
+    assert snippet["data"]["root"] == str(generic) and snippet["test"]["trials"] == str(out / TRIALS_NAME)
 
 
 def test_cli_rejects_bad_numbers(generic, capsys):
     with pytest.raises(SystemExit) as e:
-        pd.main(["--root", str(generic), "--utts_per_speaker", "-1"])
+        prepare_data.main(["--root", str(generic), "--utts_per_speaker", "-1"])
     assert e.value.code == 2
 
 
 def test_missing_root_and_empty_root(tmp_path, capsys):
-    assert pd.main(["--root", str(tmp_path / "nope")]) == 2
+    assert prepare_data.main(["--root", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert pd.main(["--root", str(tmp_path / "empty")]) == 2
+    assert prepare_data.main(["--root", str(tmp_path / "empty")]) == 2
     assert "no .wav or .flac" in capsys.readouterr().err
 
 
@@ -385,7 +389,7 @@ def test_write_config_edits_only_the_data_keys(generic, tmp_path, capsys):
     original = config.DEFAULT_CONFIG.read_text(encoding="utf-8")
     cfg_copy.write_text(original, encoding="utf-8")
     out = tmp_path / "files"
-    rc = pd.main(["--root", str(generic), "--out", str(out), "--train_speakers", "4", "--test_speakers", "2",
+    rc = prepare_data.main(["--root", str(generic), "--out", str(out), "--train_speakers", "4", "--test_speakers", "2",
                   "--utts_per_speaker", "3", "--test_utts_per_speaker", "3", "--write_config", str(cfg_copy)])
     assert rc == 0
     new = cfg_copy.read_text(encoding="utf-8")
@@ -398,20 +402,20 @@ def test_write_config_edits_only_the_data_keys(generic, tmp_path, capsys):
         assert ("#" in a) == ("#" in b) and (a[a.index("#"):] == b[b.index("#"):] if "#" in a else True)
     assert [line for line in old_lines if line.lstrip().startswith("#")] == \
         [line for line in new_lines if line.lstrip().startswith("#")]
-    old_flat, new_flat = pd._flatten(yaml.safe_load(original)), pd._flatten(yaml.safe_load(new))
-    expected = {"data.root": str(generic), "data.train_manifest": str(out / pd.TRAIN_NAME),
-                "test.root": str(generic), "test.test_manifest": str(out / pd.TEST_NAME),
-                "test.trials": str(out / pd.TRIALS_NAME)}
+    old_flat, new_flat = config.flatten(yaml.safe_load(original)), config.flatten(yaml.safe_load(new))
+    expected = {"data.root": str(generic), "data.train_manifest": str(out / TRAIN_NAME),
+                "test.root": str(generic), "test.test_manifest": str(out / TEST_NAME),
+                "test.trials": str(out / TRIALS_NAME)}
     assert new_flat == {**old_flat, **expected}
     cfg = config.load_config(cfg_copy)
-    assert config.config_path_value(cfg, "test.trials") == out / pd.TRIALS_NAME
+    assert config.config_path_value(cfg, "test.trials") == out / TRIALS_NAME
 
 
 def test_write_config_keeps_crlf_bom_and_adds_missing_keys(tmp_path):
     path = tmp_path / "user.yaml"
     path.write_bytes(b"\xef\xbb\xbf# my settings\r\ndata:\r\n  root: old   # where\r\ntrain:\r\n  epochs: 3\r\n")
-    values = pd.config_values(tmp_path / "corpus dir", tmp_path / "it's files")
-    pd.write_config(path, values)
+    values = corpora_config.config_values(tmp_path / "corpus dir", tmp_path / "it's files")
+    corpora_config.write_config(path, values)
     raw = path.read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf# my settings\r\n") and b"\n" not in raw.replace(b"\r\n", b"")
     text = raw.decode("utf-8-sig")
@@ -419,27 +423,27 @@ def test_write_config_keeps_crlf_bom_and_adds_missing_keys(tmp_path):
     data = yaml.safe_load(text)
     assert data["train"] == {"epochs": 3}
     assert data["data"]["root"] == str(tmp_path / "corpus dir")
-    assert data["test"]["trials"] == str(tmp_path / "it's files" / pd.TRIALS_NAME)
-    assert config.load_config(path)["data"]["train_manifest"] == str(tmp_path / "it's files" / pd.TRAIN_NAME)
+    assert data["test"]["trials"] == str(tmp_path / "it's files" / TRIALS_NAME)
+    assert config.load_config(path)["data"]["train_manifest"] == str(tmp_path / "it's files" / TRAIN_NAME)
 
 
 def test_write_config_refuses_what_it_cannot_edit_safely(tmp_path):
     path = tmp_path / "flow.yaml"
     path.write_text("data: {root: x, bad_audio: skip}\n", encoding="utf-8")
-    with pytest.raises(pd.PrepareError):
-        pd.write_config(path, pd.config_values(tmp_path, tmp_path))
+    with pytest.raises(PrepareError):
+        corpora_config.write_config(path, corpora_config.config_values(tmp_path, tmp_path))
     assert path.read_text(encoding="utf-8") == "data: {root: x, bad_audio: skip}\n"
 
 
 def test_write_config_creates_a_user_config(tmp_path):
     path = tmp_path / "mine.yaml"
-    pd.write_config(path, pd.config_values(tmp_path / "c", tmp_path / "f"))
+    corpora_config.write_config(path, corpora_config.config_values(tmp_path / "c", tmp_path / "f"))
     cfg = config.load_config(path)
     assert cfg["test"]["root"] == str(tmp_path / "c") and cfg["features"]["n_mfcc"] == 40
 
 
 def test_config_values_inside_project_are_relative():
-    values = pd.config_values(config.PROJECT_ROOT / "data" / "demo_corpus", pd.FILES_DIR)
+    values = corpora_config.config_values(config.PROJECT_ROOT / "data" / "demo_corpus", config.FILES_DIR)
     assert values["data.root"] == "data/demo_corpus" and values["test.trials"] == "files/trials.txt"
 
 
@@ -472,7 +476,7 @@ def test_aishell_sample(tmp_path, capsys):
     assert summary["target_trials"] == 45 and summary["nontarget_trials"] == 0
     assert any("non-target" in w for w in summary["warnings"])
     assert 0 < summary["train_hours"] < 0.02
-    rc = pd.main(["--root", str(root), "--out", str(tmp_path / "defaults")])
+    rc = prepare_data.main(["--root", str(root), "--out", str(tmp_path / "defaults")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--train_speakers 1 --test_speakers 1" in err
 
@@ -501,8 +505,8 @@ def test_eval_only_all_pairs_of_every_speaker(tmp_path):
     if not sample.is_dir():
         pytest.skip(f"real-speech sample not found at {sample} (../shared/data is absent)")
     out = tmp_path / "eval"
-    assert pd.main(["--root", str(sample), "--eval_only", "--test_utts_per_speaker", "0",
-                              "--out", str(out)]) == 0
+    assert prepare_data.main(["--root", str(sample), "--eval_only", "--test_utts_per_speaker", "0",
+                             "--out", str(out)]) == 0
     test = read_manifest(out / "test_set.txt")
     trials = read_trials(out / "trials.txt")
     assert {u.speaker for u in test} == {"S0150", "S0252"} and len(test) == 40
@@ -518,5 +522,5 @@ def test_eval_only_needs_its_own_out_folder(tmp_path, capsys):
     for spk in ("a", "b"):
         (root / spk).mkdir(parents=True)
         sf.write(root / spk / "x.wav", np.zeros(1600, dtype=np.float32), 16000)
-    assert pd.main(["--root", str(root), "--eval_only"]) == 2
+    assert prepare_data.main(["--root", str(root), "--eval_only"]) == 2
     assert "--eval_only needs --out" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import train
-from config import ConfigError
+from svlab.config import ConfigError
 
 
 def _quiet(*args, **kwargs):

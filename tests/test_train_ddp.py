@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import train
+from svlab.errors import ConfigError
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, write_config_yaml, m
 
 
 def test_global_batch_must_split_evenly(make_config, tmp_path):
-    import distributed as dd
+    from svlab import distributed as dd
     info = dd.DistInfo(rank=0, world_size=3, is_main=True)
-    with pytest.raises(train.ConfigError, match="divisible"):
+    with pytest.raises(ConfigError, match="divisible"):
         train.train(make_config(tmp_path, {"train.batchsize": 8}), dist_info=info, log=lambda *a, **k: None)

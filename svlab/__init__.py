@@ -1,0 +1,43 @@
+"""svlab: the library under the lab's files (``train.py``, ``EER.py``, ``dataset.py`` and the models).
+
+The lab's files tell the story; the machinery they share lives here, one fact per module.
+
+Configuration, files and errors
+``config``          load and validate ``config.yaml`` (the schema: every key, its default and choices)
+``errors``          the user-fixable errors every command reports in one line
+``files``           write-then-rename for every file the project writes
+
+Data (under ``dataset.py``)
+``manifests``       manifests and trial lists, and the cheap checks of the data folders
+``audio``           reading audio (any format, rate and channel count) with one-line problems
+``features``        the MFCC front end (librosa) and the feature settings' signature
+``feature_cache``   features computed once in parallel and cached on disk, augmented copies
+``augment``         noise, reverberation, speed and SpecAugment
+``demo_corpus``     the embedded synthetic corpus used when no real data is configured
+``corpora``         finding a corpus on disk (AISHELL-1 and other layouts) for ``tools/prepare_data.py``
+``corpora_split``   choosing speakers, building trial lists, writing manifests
+``corpora_config``  pointing ``config.yaml`` at prepared manifests (``--write_config``)
+
+Training (under ``train.py``)
+``models``          build the embedding network and the loss head by name; the one module that
+                    imports the model files (``xvector.py``, ``ecapa.py``, ``pooling.py``, ``loss.py``)
+``checkpoint``      self-describing checkpoints, loaded with ``weights_only=True``; run folder names
+``training``        precision, learning-rate schedule, stop signals, divergence checks, torch.compile
+``run_folder``      what a training run writes (checkpoints, log, curves) and resumes from
+``distributed``     DistributedDataParallel (torchrun) helpers
+``cpu_runtime``     CPU allocator and vector-math settings for fast, reproducible training
+
+Evaluation (under ``EER.py``)
+``embedding``       embeddings of features and audio files; device choice
+``metrics``         EER, minDCF, actual DCF, Cllr
+``scoring``         cosine / PLDA scoring of trial pairs, AS-norm
+``backend``         PLDA and the back-end files
+``calibration``     score calibration to log-likelihood ratios
+``scoring_system``  the scoring options and the back-ends fitted for a checkpoint
+``evaluation``      evaluation folders, their index, and the files an evaluation writes
+``report``          the run report (markdown and HTML)
+``plots``           training curves, ROC, DET and score histograms
+
+Nothing is imported here eagerly: ``import svlab`` stays cheap, and the model files stay optional
+for modules that do not build a network.
+"""

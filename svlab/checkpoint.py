@@ -1,0 +1,143 @@
+"""Checkpoint files: atomic write-then-rename saves and safe (``weights_only=True``) loads.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(..., weights_only=True)`` and never executes pickled code. Keys:
+
+``format``            ``"speaker-lab-checkpoint/1"``
+``epoch``             epochs finished
+``model_state``       embedding network ``state_dict``
+``loss_state``        classification head (``loss.py``) ``state_dict``
+``optimizer_state``   / ``scheduler_state``: to resume training
+``config``            the full configuration used (features, model, loss, train, ...)
+``speakers``          training speaker labels, index = class id
+``history``           list of per-epoch dicts (loss, acc, lr, margin, seconds)
+``features``          the feature settings the model depends on (``svlab.features.feature_signature``)
+``tag``               ``<model>_<pooling>_<loss>``
+``scaler_state``      the float16 gradient scaler, when one was used
+``step_in_epoch``     / ``partial``: in ``interrupted.pth`` only, the steps of the next epoch already
+                      done and their loss/accuracy sums
+
+Run folders are named here and nowhere else (``run_folder``), so are the files in them.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from svlab.config import config_path_value
+from svlab.errors import CheckpointError
+from svlab.features import FEATURE_KEYS, LEGACY_FEATURE_DEFAULTS
+from svlab.files import atomic_write
+
+FORMAT = "speaker-lab-checkpoint/1"
+EPOCH_PATTERN = re.compile(r"^checkpoint_(\d{3,})\.pth$")
+INTERRUPTED = "interrupted.pth"  # the resumable state saved on Ctrl-C / SIGTERM, in the run folder
+
+
+def run_folder(cfg: dict) -> Path:
+    """The run folder of ``cfg``: ``<train.save_dir>/<train.n_folder>``, e.g. ``saved_model/000``."""
+    return config_path_value(cfg, "train.save_dir") / str(cfg["train"]["n_folder"])
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Atomically save a checkpoint dict (see module docstring for its keys)."""
+    state = dict(state)
+    state.setdefault("format", FORMAT)
+
+    def write(tmp: Path) -> None:
+        # through a Python file object: a full disk then raises OSError(ENOSPC), where torch's own
+        # path writer raises an opaque RuntimeError ("enforce fail at inline_container.cc")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(Path(path), write)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; clear one-line errors for every failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}{available_hint(path.parent)}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint of this project ({first[:200]}); "
+            "it may be truncated or not a checkpoint at all. Retrain or pick another file"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
+    for key in ("model_state", "config", "speakers", "epoch"):
+        if key not in state:
+            raise CheckpointError(f"{path} lacks '{key}'; it is incomplete. Retrain or pick another file")
+    return state
+
+
+def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
+    return Path(folder) / f"checkpoint_{epoch:03d}.pth"
+
+
+def final_checkpoint_name(model: str, pooling: str, loss: str) -> str:
+    """The lab's name for the last checkpoint, e.g. ``xvector_gap_softmax_checkpoint.pth``."""
+    return f"{model}_{pooling}_{loss}_checkpoint.pth"
+
+
+def list_epoch_checkpoints(folder: Path) -> dict[int, Path]:
+    """``{epoch: path}`` of the ``checkpoint_NNN.pth`` files in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in folder.iterdir():
+        m = EPOCH_PATTERN.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def available_hint(folder: Path) -> str:
+    found = list_epoch_checkpoints(folder)
+    if found:
+        return f"; checkpoints in {folder}: epochs {', '.join(str(e) for e in found)}"
+    return f"; {folder} has no checkpoint_NNN.pth files (train first: python train.py)"
+
+
+MISMATCH_SECTIONS = ("model", "features")
+
+
+def describe_mismatch(state_config: dict, cfg: dict, sections=MISMATCH_SECTIONS,
+                      only_keys=None) -> list[str]:
+    """What differs between a checkpoint's recorded configuration and ``cfg``, as
+    ``'model.channels: checkpoint 512 vs config 32'`` strings (empty list: they agree).
+
+    ``features`` compares only the settings a trained model depends on (``svlab.features.FEATURE_KEYS``;
+    not ``cache_dir``). ``only_keys``: restrict to these dotted keys, e.g. ``config.explicit_keys(cfg)``
+    to complain only about what the user asked for, not about shipped defaults the checkpoint
+    legitimately overrides. A key the checkpoint does not record is not compared.
+    """
+    out = []
+    for section in sections:
+        recorded = (state_config or {}).get(section)
+        current = cfg.get(section)
+        if not isinstance(recorded, dict) or not isinstance(current, dict):
+            continue
+        if section == "features":  # a checkpoint from before a key existed used its legacy value
+            recorded = {**LEGACY_FEATURE_DEFAULTS, **recorded}
+        keys = FEATURE_KEYS if section == "features" else sorted(set(recorded) | set(current))
+        for k in keys:
+            dotted = f"{section}.{k}"
+            if only_keys is not None and dotted not in only_keys:
+                continue
+            if k not in recorded or k not in current:
+                continue
+            a, b = recorded[k], current[k]
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+                    and not isinstance(b, bool):
+                same = float(a) == float(b)
+            else:
+                same = a == b
+            if not same:
+                out.append(f"{dotted}: checkpoint {a!r} vs config {b!r}")
+    return out

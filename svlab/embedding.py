@@ -1,0 +1,101 @@
+"""Inference helpers shared by the entry scripts: device choice, the checkpoint's feature settings,
+batched whole-utterance embedding, and writing embeddings.
+
+``features`` are ``(n_mfcc, frames)`` float32 arrays (``svlab.features.mfcc``); embeddings are
+``(n_utterances, embedding_size)`` float32. Utterances are batched only with others of exactly the same
+length, so batched embedding equals one-at-a-time embedding for every model (no padding).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from svlab.config import resolve_path
+from svlab.cpu_runtime import warm_up_vector_math
+from svlab.errors import DataError
+from svlab.feature_cache import load_features
+from svlab.features import LEGACY_FEATURE_DEFAULTS, equal_length_batches, feature_signature
+from svlab.files import atomic_write
+
+
+def select_device(gpu: str | None) -> torch.device:
+    """``--gpu`` value -> device: ``-1``/``cpu`` the CPU, an index that CUDA device, None GPU 0 if any."""
+    if gpu is not None and str(gpu).strip() in ("-1", "cpu"):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu) if gpu is not None else 0}")
+    if gpu is not None:
+        print(f"note: --gpu {gpu} asked for, but CUDA is not available; using the CPU")
+    return torch.device("cpu")
+
+
+def cli_path(text: str) -> Path:
+    """A path given on the command line: relative to the working directory if it exists there, else
+    relative to the project folder (like config paths)."""
+    here = resolve_path(text, base=Path.cwd())
+    return here if here.exists() else resolve_path(text)
+
+
+def checkpoint_features(cfg: dict, state: dict, log=print, cache: bool = True) -> dict:
+    """Feature settings to embed with: the checkpoint's recorded ones (a model only works with the
+    features it was trained on); the disk cache folder comes from ``cfg`` (``cache=False``: none)."""
+    feat_cfg = {**cfg["features"], **LEGACY_FEATURE_DEFAULTS, **state["config"]["features"],
+                "cache_dir": cfg["features"]["cache_dir"] if cache else ""}
+    if feature_signature(feat_cfg) != feature_signature(cfg["features"]):
+        log("note: using the checkpoint's feature settings, which differ from the config's")
+    return feat_cfg
+
+
+@torch.no_grad()
+def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_size: int,
+                   device: torch.device | str = "cpu", desc: str = "embedding") -> np.ndarray:
+    """Embeddings ``(n, embedding_size)`` float32 of whole-utterance features ``(n_mfcc, frames)``."""
+    from tqdm import tqdm
+    warm_up_vector_math()  # exact float math in the model's first multi-threaded calls
+    device = torch.device(device)
+    out = None
+    batches = equal_length_batches([f.shape[1] for f in features], batch_size)
+    for idx in tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=None):
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(features[i])) for i in idx]).to(device)
+        e = model(x).float().cpu().numpy()
+        if out is None:
+            out = np.zeros((len(features), e.shape[1]), dtype=np.float32)
+        out[idx] = e
+    if out is None:
+        raise DataError("nothing to embed: no utterances")
+    return out
+
+
+def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch_size: int = 64,
+                device: torch.device | str = "cpu", policy: str = "error", log=print,
+                desc: str = "MFCC") -> tuple[np.ndarray, list[int], list[str]]:
+    """Embed audio files: ``(embeddings of the usable files, their indices in paths, problems)``.
+
+    ``policy="error"`` raises one DataError listing every unusable file; ``"skip"`` leaves them out.
+    """
+    feats, kept, problems = load_features([Path(p) for p in paths], feat_cfg, policy=policy, log=log, desc=desc)
+    if not feats:
+        raise DataError(f"none of the {len(paths)} audio file(s) could be used: {'; '.join(problems[:5])}")
+    return embed_features(model, feats, batch_size, device), kept, problems
+
+
+def index_path(out: Path) -> Path:
+    """``emb.npy`` -> ``emb_index.txt``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_index.txt")
+
+
+def write_embeddings(out: Path, emb: np.ndarray, names: list[str]) -> Path:
+    """Atomically write ``out`` (float32 .npy) and its index file (one name per row); returns the index path."""
+    out = Path(out)
+
+    def write_npy(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(emb, dtype=np.float32))
+    atomic_write(out, write_npy)
+    idx = index_path(out)
+    atomic_write(idx, lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names), encoding="utf-8"))
+    return idx

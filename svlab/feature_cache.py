@@ -1,0 +1,440 @@
+"""Features of many files at once: a process pool, npz caches on disk, and the training set's
+augmented copies.
+
+``load_features`` computes the MFCCs of a list of files once (in parallel) and keeps them in
+``features.cache_dir``, so an epoch never re-reads audio. Unusable files are one problem line each:
+one DataError lists them all (``data.bad_audio: error``) or they are left out and returned
+(``skip``). Failures inside the process pool come back as one-line problems or one DataError,
+never as worker tracebacks.
+
+Augmentation (``augment:`` config section, off by default): ``load_training_features`` adds offline
+augmented copies of the training utterances (``svlab.augment``: noise, reverberation, gain, speed),
+made once with a fixed seed and cached next to the clean features under a key that includes the
+augmentation settings. ``load_training_items`` gathers what ``dataset.SpkTrainDataset`` crops from.
+Test utterances are never augmented.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from svlab import augment
+from svlab.audio import conversion_note, one_line, read_audio
+from svlab.config import config_path_value, resolve_path
+from svlab.errors import DataError
+from svlab.features import feature_signature, mfcc
+from svlab.files import atomic_write
+from svlab.manifests import MAX_LISTED_PROBLEMS, Utterance, check_training_data
+
+
+# --------------------------------------------------------------------------- clean features
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is handled by the main process alone (no traceback per worker), and
+    each worker computes with one BLAS/OpenMP thread: N workers x N threads on N cores oversubscribe
+    the CPU, and the pool then runs slower than a single process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threadpool_limits(1)
+    torch.set_num_threads(1)
+
+
+def _run_jobs(fn, jobs: list, workers: int | None, desc: str, initializer=_ignore_sigint, initargs=()) -> list:
+    """``[fn(job) for job in jobs]`` with a progress bar; in a process pool (``initializer(*initargs)``
+    in each worker) when ``workers > 1`` (default: up to 8) and there are 64 jobs or more. A dying
+    worker or any other pool failure is one DataError."""
+    from tqdm import tqdm
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(jobs) >= 64:
+        import multiprocessing as mp
+        from concurrent.futures.process import BrokenProcessPool
+        ctx = mp.get_context("fork") if sys.platform != "win32" else None
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs)
+        try:
+            results = list(tqdm(pool.map(fn, jobs, chunksize=16), total=len(jobs),
+                                desc=desc, unit="utt", leave=False, file=sys.stderr))
+        except BrokenProcessPool as e:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise DataError(f"a feature-extraction worker process died ({one_line(e, 160)}) while reading "
+                            f"{len(jobs)} audio files; usually out of memory or a crash inside an audio "
+                            "library. Free memory and run again") from None
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        except Exception as e:  # anything else the pool passes back, as one line
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise DataError(f"feature extraction failed ({type(e).__name__}: {one_line(e, 200)})") from None
+        pool.shutdown(wait=True)
+    else:
+        results = [fn(j) for j in tqdm(jobs, desc=desc, unit="utt", leave=False, file=sys.stderr)]
+    return results
+
+
+def _extract_one(args) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
+    """``(features or None, one-line problem or None, (original rate, channels))`` of one file.
+
+    Runs in worker processes: every failure becomes a one-line problem naming the file, never a
+    traceback from inside the pool.
+    """
+    path, feat_cfg = args
+    try:
+        wav, sr, channels = read_audio(path, feat_cfg["sample_rate"], feat_cfg.get("min_seconds", 0.0) or 0.0)
+        feats = mfcc(wav, feat_cfg)
+        if not np.all(np.isfinite(feats)):
+            return None, f"{path}: features are not finite (NaN/inf MFCCs)", (sr, channels)
+        return feats, None, (sr, channels)
+    except DataError as e:
+        return None, one_line(e, 400), (0, 0)
+    except Exception as e:  # report any librosa failure as one line, never a worker traceback
+        return None, f"{path}: feature extraction failed ({type(e).__name__}: {one_line(e, 120)})", (0, 0)
+
+
+def _extract_all(paths: list[Path], feat_cfg: dict, workers: int | None = None, desc: str = "MFCC"):
+    """``(features or None per path, problems, (original rate, channels) per path)``."""
+    jobs = [(Path(p), feat_cfg) for p in paths]
+    results = _run_jobs(_extract_one, jobs, workers, desc)
+    feats = [r[0] for r in results]
+    problems = [r[1] for r in results if r[1] is not None]
+    infos = [r[2] for r in results]
+    return feats, problems, infos
+
+
+def extract_features(paths: list[Path], feat_cfg: dict, workers: int | None = None,
+                     desc: str = "MFCC") -> tuple[list[np.ndarray | None], list[str]]:
+    """Features for every path (None where the audio is bad) and the list of problems found.
+
+    With ``workers > 1`` (default: up to 8 processes) and 64 files or more, files are read in a
+    process pool; a failure there still comes back as a one-line problem or DataError.
+    """
+    feats, problems, _ = _extract_all(paths, feat_cfg, workers, desc)
+    return feats, problems
+
+
+def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
+    """The cache of the features of ``paths``: keyed on the feature settings and on each file's path,
+    size and modification time, so an edited or replaced file is never served from an old cache."""
+    h = hashlib.sha1(json.dumps(feature_signature(feat_cfg), sort_keys=True).encode())
+    min_seconds = feat_cfg.get("min_seconds", 0.0) or 0.0
+    if min_seconds:  # decides which files are usable, so it is part of the key
+        h.update(f"min_seconds={float(min_seconds)!r}\n".encode())
+    for p in paths:
+        try:
+            st = p.stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return cache_dir / f"mfcc_{h.hexdigest()[:20]}.npz"
+
+
+def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
+                  log=print, desc: str = "MFCC", workers: int | None = None
+                  ) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """Cached features for ``paths``.
+
+    Returns ``(features, kept_indices, problems)``. With ``policy="error"`` any bad file raises one
+    DataError listing them all; with ``"skip"`` bad files are dropped and listed in ``problems``.
+    Files that had to be resampled or averaged to mono are counted in one ``log`` line.
+    """
+    paths = [Path(p) for p in paths]
+    if policy not in ("error", "skip"):
+        raise DataError(f"bad audio policy {policy!r}; use 'error' or 'skip' (data.bad_audio)")
+    cache_dir_value = feat_cfg.get("cache_dir", "")
+    cache_file = None
+    if cache_dir_value:
+        cache_file = _cache_file(paths, feat_cfg, resolve_path(cache_dir_value))
+        if cache_file.is_file():
+            try:
+                with np.load(cache_file) as z:
+                    data, offsets, kept = z["data"], z["offsets"], z["kept"]
+                    problems = [str(s) for s in z["problems"]]
+                    infos = [tuple(r) for r in z["infos"].tolist()] if "infos" in z.files else []
+                if len(offsets) != len(kept) + 1 or (len(kept) and (kept.max() >= len(paths)
+                                                                    or offsets[-1] != data.shape[1])):
+                    raise ValueError("inconsistent cache")
+                feats = [data[:, offsets[i]:offsets[i + 1]] for i in range(len(kept))]
+                if problems and policy == "error":
+                    _raise_audio_problems(problems)
+                note = conversion_note(infos, feat_cfg["sample_rate"])
+                if note:
+                    log(note)
+                return feats, kept.tolist(), problems
+            except (OSError, KeyError, ValueError, EOFError):
+                log(f"note: ignoring unreadable feature cache {cache_file}")
+    feats, problems, infos = _extract_all(paths, feat_cfg, workers=workers, desc=desc)
+    if problems and policy == "error":
+        _raise_audio_problems(problems)
+    note = conversion_note(infos, feat_cfg["sample_rate"])
+    if note:
+        log(note)
+    kept = [i for i, f in enumerate(feats) if f is not None]
+    feats = [feats[i] for i in kept]
+    if cache_file is not None and feats:
+        offsets = np.cumsum([0] + [f.shape[1] for f in feats])
+        data = np.concatenate(feats, axis=1)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, data=data, offsets=offsets, kept=np.asarray(kept, dtype=np.int64),
+                         problems=np.asarray(problems, dtype=str),
+                         infos=np.asarray(infos, dtype=np.int64).reshape(-1, 2))
+        try:
+            atomic_write(cache_file, write)
+        except Exception as e:  # a cache that cannot be written only costs time next run
+            log(f"note: feature cache not written ({one_line(e, 200)})")
+        feats = [data[:, offsets[i]:offsets[i + 1]] for i in range(len(feats))]
+    return feats, kept, problems
+
+
+def _raise_audio_problems(problems: list[str]) -> None:
+    shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = f" (and {len(problems) - MAX_LISTED_PROBLEMS} more)" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    raise DataError(f"{len(problems)} unusable audio file(s): {shown}{more}. Fix or remove them from the "
+                    "manifest, or set data.bad_audio: skip to leave them out of training")
+
+
+# --------------------------------------------------------------------------- augmented copies
+BABBLE_POOL = 32          # training utterances (distinct speakers) that babble noise is mixed from
+BABBLE_MAX_SECONDS = 6.0  # each trimmed to this length
+
+
+def augmentation_active(aug_cfg: dict | None) -> bool:
+    """True when the ``augment:`` settings ask for offline copies (``copies > 0``) or speed copies
+    as new speakers; False for the defaults (training then runs exactly as without augmentation)."""
+    return augment.settings(aug_cfg)["copies"] > 0 or bool(new_speaker_factors(aug_cfg))
+
+
+def new_speaker_factors(aug_cfg: dict | None) -> list[float]:
+    """Speed factors whose copies are new speakers (``augment.speed_as_new_speakers``), 1.0 left out."""
+    s = augment.settings(aug_cfg)
+    if not s["speed_as_new_speakers"]:
+        return []
+    out: list[float] = []
+    for f in s["speed_factors"]:
+        if float(f) != 1.0 and float(f) not in out:
+            out.append(float(f))
+    return out
+
+
+def speed_speaker(speaker: str, factor: float) -> str:
+    """Name of the new speaker made of ``speaker``'s utterances at ``factor`` speed: ``S0001_sp0.9``."""
+    return f"{speaker}_sp{factor:g}"
+
+
+@dataclass
+class TrainingFeatures:
+    """Training features with their augmented copies (``load_training_features``).
+
+    ``versions[j]``: the versions of training item ``j``, each ``(n_mfcc, frames)`` float32: the clean
+    features first, then the ``augment.copies`` augmented ones. ``items[j]``: ``(index into paths,
+    speed factor)``, factor 1.0 for the utterance itself, else a speed copy that is a new speaker.
+    ``kept``/``problems`` as from ``load_features``; ``cache_file``: the augmented-copy cache (or None).
+    """
+    versions: list
+    items: list
+    kept: list
+    problems: list
+    cache_file: Path | None = None
+
+
+_BABBLE_BANK: list = []   # (speaker, waveform) pairs, set in each extraction worker
+
+
+def _set_babble_bank(bank) -> None:
+    """Pool initializer: the babble bank for this worker (and Ctrl-C left to the main process)."""
+    global _BABBLE_BANK
+    _BABBLE_BANK = list(bank)
+    _ignore_sigint()
+
+
+def _augment_one(args):
+    """``(list of feature arrays or None, problem or None)`` for one kept training file: its
+    ``copies`` augmented versions, then for each new-speaker speed factor the sped-up clean version and
+    its ``copies`` augmented versions. Copy ``k`` of speed version ``j`` (0: original speed) draws from
+    ``default_rng((augment.seed, index, j, k))``."""
+    index, path, speaker, feat_cfg, aug, factors = args
+    try:
+        sr = feat_cfg["sample_rate"]
+        wav = read_audio(path, sr)[0]
+        others = [w for spk, w in _BABBLE_BANK if spk != speaker]
+        out = []
+        for j, factor in enumerate([1.0] + list(factors)):
+            base = wav if j == 0 else augment.change_speed(wav, factor)
+            if j > 0:
+                out.append(mfcc(base, feat_cfg))
+            for k in range(aug["copies"]):
+                rng = np.random.default_rng((aug["seed"], index, j, k))
+                out.append(mfcc(augment.augment_waveform(base, rng, aug, others=others, sr=sr), feat_cfg))
+        bad = [f for f in out if not np.all(np.isfinite(f))]
+        if bad:
+            return None, f"{path}: augmented features are not finite (NaN/inf MFCCs)"
+        return out, None
+    except DataError as e:
+        return None, one_line(e, 400)
+    except Exception as e:  # one line, never a worker traceback
+        return None, f"{path}: augmentation failed ({type(e).__name__}: {one_line(e, 120)})"
+
+
+def _babble_bank(paths: list[Path], speakers: list[str], kept: list[int], feat_cfg: dict, aug: dict) -> list:
+    """Up to ``BABBLE_POOL`` clean training utterances of distinct speakers (seeded by ``augment.seed``),
+    each at most ``BABBLE_MAX_SECONDS`` long, as ``(speaker, waveform)``; empty when no babble is asked for."""
+    if aug["copies"] <= 0 or aug["noise_prob"] <= 0 or "babble" not in aug["noise_types"]:
+        return []
+    rng = np.random.default_rng((aug["seed"], 7919))
+    by_speaker: dict[str, list[int]] = {}
+    for i in kept:
+        by_speaker.setdefault(speakers[i], []).append(i)
+    names = sorted(by_speaker)
+    chosen = rng.choice(len(names), size=min(BABBLE_POOL, len(names)), replace=False)
+    sr = feat_cfg["sample_rate"]
+    bank = []
+    for c in sorted(int(c) for c in chosen):
+        idx = by_speaker[names[c]]
+        i = idx[int(rng.integers(0, len(idx)))]
+        wav = read_audio(paths[i], sr)[0]
+        bank.append((names[c], wav[: int(BABBLE_MAX_SECONDS * sr)].copy()))
+    return bank
+
+
+def _aug_cache_file(paths: list[Path], feat_cfg: dict, aug: dict, kept: list[int], speakers: list[str],
+                    cache_dir: Path) -> Path:
+    """Cache of the augmented copies: keyed on the clean cache's key (files, feature settings) plus the
+    offline augmentation settings (``augment.offline_signature``), the kept files and their speakers."""
+    h = hashlib.sha1(_cache_file(paths, feat_cfg, cache_dir).name.encode())
+    h.update(json.dumps(augment.offline_signature(aug), sort_keys=True).encode())
+    h.update(json.dumps([int(i) for i in kept]).encode())
+    h.update(json.dumps(list(speakers), ensure_ascii=False).encode())
+    return cache_dir / f"mfcc_aug_{h.hexdigest()[:20]}.npz"
+
+
+def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dict, aug_cfg: dict | None,
+                           policy: str = "error", log=print, desc: str = "MFCC",
+                           workers: int | None = None) -> TrainingFeatures:
+    """Clean features (``load_features``, its own cache unchanged) plus the offline augmented copies.
+
+    ``speakers[i]``: speaker of ``paths[i]`` (babble noise never mixes in the utterance's own speaker).
+    ``aug_cfg``: the ``augment:`` config section. Each kept utterance gets ``copies`` augmented
+    versions (random chains of ``augment.augment_waveform``, seeded by ``augment.seed``, the file's
+    index and the copy number); with ``speed_as_new_speakers`` every speed factor adds an item (sped
+    clean version + its ``copies`` augmented versions). The copies are computed once (in a process
+    pool like the clean features) and cached next to the clean features (``features.cache_dir``) in a
+    file whose key includes the augmentation settings. With augmentation off every item has one
+    version, the clean features themselves.
+    """
+    paths = [Path(p) for p in paths]
+    feats, kept, problems = load_features(paths, feat_cfg, policy=policy, log=log, desc=desc, workers=workers)
+    aug = augment.settings(aug_cfg)
+    factors = new_speaker_factors(aug)
+    items = [(i, 1.0) for i in kept] + [(i, f) for f in factors for i in kept]
+    if not augmentation_active(aug):
+        return TrainingFeatures([[f] for f in feats], items, kept, problems)
+    per_utt = aug["copies"] + len(factors) * (aug["copies"] + 1)
+    cache_dir_value = feat_cfg.get("cache_dir", "")
+    cache_file = (_aug_cache_file(paths, feat_cfg, aug, kept, speakers, resolve_path(cache_dir_value))
+                  if cache_dir_value else None)
+    extra = None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            with np.load(cache_file) as z:
+                data, offsets, layout = z["data"], z["offsets"], z["layout"]
+            if (layout.tolist() != [len(kept), aug["copies"], len(factors)]
+                    or len(offsets) != len(kept) * per_utt + 1 or offsets[-1] != data.shape[1]):
+                raise ValueError("inconsistent cache")
+            extra = [data[:, offsets[j]:offsets[j + 1]] for j in range(len(offsets) - 1)]
+        except (OSError, KeyError, ValueError, EOFError):
+            log(f"note: ignoring unreadable augmented-feature cache {cache_file}")
+    if extra is None:
+        bank = _babble_bank(paths, speakers, kept, feat_cfg, aug)
+        jobs = [(i, paths[i], speakers[i], feat_cfg, aug, factors) for i in kept]
+        what = f"{desc} augmented x{aug['copies']}" + (f" + speed {factors}" if factors else "")
+        global _BABBLE_BANK
+        saved, _BABBLE_BANK = _BABBLE_BANK, bank  # used directly when the jobs run in this process
+        try:
+            results = _run_jobs(_augment_one, jobs, workers, what, initializer=_set_babble_bank, initargs=(bank,))
+        finally:
+            _BABBLE_BANK = saved
+        bad = [r[1] for r in results if r[1] is not None]
+        if bad:
+            raise DataError(f"augmenting {len(bad)} training file(s) failed: {'; '.join(bad[:MAX_LISTED_PROBLEMS])}")
+        extra = [f for r in results for f in r[0]]
+        if cache_file is not None and extra:
+            offsets = np.cumsum([0] + [f.shape[1] for f in extra])
+            data = np.concatenate(extra, axis=1)
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, data=data, offsets=offsets,
+                             layout=np.asarray([len(kept), aug["copies"], len(factors)], dtype=np.int64))
+            try:
+                atomic_write(cache_file, write)
+            except Exception as e:  # only costs time next run
+                log(f"note: augmented-feature cache not written ({one_line(e, 200)})")
+            extra = [data[:, offsets[j]:offsets[j + 1]] for j in range(len(extra))]
+    k = aug["copies"]
+    versions = [[feats[u]] + extra[u * per_utt: u * per_utt + k] for u in range(len(kept))]
+    for j in range(len(factors)):
+        for u in range(len(kept)):
+            first = u * per_utt + k + j * (k + 1)
+            versions.append(extra[first: first + k + 1])
+    return TrainingFeatures(versions, items, kept, problems, cache_file)
+
+
+# --------------------------------------------------------------------------- the training set
+@dataclass
+class TrainingItems:
+    """What ``dataset.SpkTrainDataset`` crops from (``load_training_items``), one entry per item.
+
+    ``utterances``: the manifest's utterances that were kept; speed copies (``speed_as_new_speakers``)
+    are extra items carrying the new speaker name and the original relpath. ``versions``: per item the
+    clean features first, then its offline augmented copies (just the clean features without offline
+    augmentation). ``speeds``: per item 1.0 or the new-speaker speed factor, None without offline
+    augmentation. ``skipped``: problems of the files left out (``data.bad_audio: skip``).
+    ``manifest_speakers``: the speakers of the training manifest (without the speed copies' names).
+    """
+    utterances: list
+    versions: list
+    speeds: list | None
+    skipped: list
+    manifest_speakers: set
+
+    @property
+    def augmented(self) -> bool:
+        """True when the items have offline augmented versions (``augmentation_active``)."""
+        return self.speeds is not None
+
+
+def load_training_items(opts: dict, log=print) -> TrainingItems:
+    """The training manifest's features with the augmented and speed copies the ``augment:`` section
+    asks for; ``opts`` is the full configuration. Logs which augmentation is on and what was skipped."""
+    root = config_path_value(opts, "data.root")
+    utts = check_training_data(opts)
+    aug = augment.settings(opts.get("augment"))
+    paths = [root / u.relpath for u in utts]
+    policy = opts["data"]["bad_audio"]
+    if augmentation_active(aug):
+        tf = load_training_features(paths, [u.speaker for u in utts], opts["features"], aug,
+                                    policy=policy, log=log, desc="train MFCC")
+        utterances = [utts[i] if f == 1.0 else Utterance(speed_speaker(utts[i].speaker, f), utts[i].relpath,
+                                                         utts[i].line) for i, f in tf.items]
+        items = TrainingItems(utterances, tf.versions, [f for _, f in tf.items], tf.problems,
+                              {u.speaker for u in utts})
+        log(f"augmentation: {aug['copies']} offline cop{'y' if aug['copies'] == 1 else 'ies'} per utterance"
+            + (f", speed copies {', '.join(f'{f:g}' for f in new_speaker_factors(aug))} as new speakers"
+               if new_speaker_factors(aug) else "")
+            + (", SpecAugment on crops" if aug["spec_augment"] else ""))
+    else:
+        feats, kept, skipped = load_features(paths, opts["features"], policy=policy, log=log, desc="train MFCC")
+        items = TrainingItems([utts[i] for i in kept], [[f] for f in feats], None, skipped,
+                              {u.speaker for u in utts})
+        if aug["spec_augment"]:
+            log("augmentation: SpecAugment on crops")
+    if items.skipped:
+        log(f"warning: skipped {len(items.skipped)} unusable training file(s) (data.bad_audio: skip)")
+    return items

@@ -1,0 +1,79 @@
+"""Embed any audio with a trained checkpoint (whole utterances, the checkpoint's own feature settings).
+
+    python tools/extract.py --checkpoint saved_model/000/checkpoint_030.pth --list files.txt --out emb.npy
+    python tools/extract.py --list files.txt --root F:/DataSet/Aishell/ALL --out emb.npy   # test.model_path
+
+``files.txt`` lists one audio path per line, relative to ``--root`` (default: the folder the list is
+in) or absolute. Any sample rate and mono or stereo: audio is averaged to mono and resampled to the
+rate the model was trained at. Writes ``emb.npy`` (float32, one row per listed file, in list order)
+and ``emb_index.txt`` (the path of each row, as written in the list).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project folder: svlab and the lab's files
+
+from svlab.checkpoint import load_checkpoint  # noqa: E402
+from svlab.config import config_path_value, load_config, parse_override, resolve_path  # noqa: E402
+from svlab.embedding import checkpoint_features, cli_path, embed_files, select_device, write_embeddings  # noqa: E402
+from svlab.errors import DataError, LabError  # noqa: E402
+from svlab.models import model_from_checkpoint  # noqa: E402
+
+
+def read_list(list_path: Path, root: Path | None = None) -> tuple[list[str], list[Path]]:
+    """Entries of an audio list (one path per line; blank lines and ``#`` comments ignored) and the
+    resolved paths (relative ones against ``root``, default the list's folder)."""
+    list_path = Path(list_path)
+    if not list_path.is_file():
+        raise DataError(f"audio list not found: {list_path}")
+    try:
+        lines = list_path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    entries = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not entries:
+        raise DataError(f"{list_path}: the list has no audio paths")
+    base = Path(root) if root is not None else list_path.resolve().parent
+    return entries, [resolve_path(e, base=base) for e in entries]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Embed a list of audio files with a trained checkpoint.")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint file (default: test.model_path)")
+    ap.add_argument("--list", required=True, help="text file: one audio path per line")
+    ap.add_argument("--root", default=None, help="folder relative list paths start from (default: the list's folder)")
+    ap.add_argument("--out", required=True, help="output .npy (float32, one row per listed file)")
+    ap.add_argument("--config", default=None, help="YAML config with the keys to change (default: config.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--gpu", default=None, help="CUDA device index, or -1 for CPU")
+    ap.add_argument("--batch_size", type=int, default=None, help="utterances per batch (default: test.batch_size)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
+        ckpt = cli_path(args.checkpoint) if args.checkpoint else config_path_value(cfg, "test.model_path")
+        state = load_checkpoint(ckpt)
+        device = select_device(args.gpu)
+        entries, paths = read_list(resolve_path(args.list, base=Path.cwd()),
+                                   resolve_path(args.root, base=Path.cwd()) if args.root else None)
+        feat_cfg = checkpoint_features(cfg, state, cache=False)
+        model = model_from_checkpoint(state, device)
+        emb, _, _ = embed_files(model, paths, feat_cfg, args.batch_size or cfg["test"]["batch_size"], device)
+        out = resolve_path(args.out, base=Path.cwd())
+        idx = write_embeddings(out, emb, entries)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {out} (rows listed in {idx})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Write the hand-in report of a training run: report.md and report.html in the run folder.
+
+    python tools/report.py --n_folder 000          # saved_model/000/report.md + report.html
+    python tools/report.py --run_dir path/to/run   # any run folder
+    python EER.py --cp_num 30 --report             # evaluate, then write the report
+
+What the report holds: see ``svlab/report.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project folder: svlab and the lab's files
+
+from svlab.checkpoint import run_folder  # noqa: E402
+from svlab.config import load_config, parse_override, resolve_path  # noqa: E402
+from svlab.errors import LabError  # noqa: E402
+from svlab.report import write_report  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Write report.md and report.html for a training run.")
+    ap.add_argument("--n_folder", default=None, help="run folder under train.save_dir (default: train.n_folder)")
+    ap.add_argument("--run_dir", default=None, help="explicit run folder (overrides --n_folder)")
+    ap.add_argument("--config", default=None, help="YAML config with the keys to change (default: config.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.run_dir:
+            run_dir = resolve_path(args.run_dir, base=Path.cwd())
+        else:
+            overrides = dict(parse_override(s) for s in args.set)
+            if args.n_folder is not None:  # (None would also drop a --set train.n_folder=...)
+                overrides["train.n_folder"] = args.n_folder
+            run_dir = run_folder(load_config(args.config, overrides))
+        write_report(run_dir)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

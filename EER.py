@@ -7,9 +7,10 @@
     python EER.py --cp_num 30 --backend plda --calibrate   # PLDA back-end + calibrated LLRs
     python EER.py --cp_num 30 --save_embeddings --report   # also embeddings.npy and the run report
 
-Prints the lab's line ``Epoch=30 EER= 3.25 Thres= 0.61234`` and writes ``scores.txt``,
-``metrics.json``, ``roc.png``, ``det.png`` and ``hist.png`` to ``saved_model/<n_folder>/eval_<NNN>/``
-(``eval_<NNN>_<system>/`` for other scoring systems; see ``svlab/evaluation.py``).
+Prints the lab's line ``Epoch=30 EER= 3.25 Thres= 0.61234 (trials: files/trials.txt)``, writes ``scores.txt``,
+``metrics.json``, ``roc.png``, ``det.png``, ``hist.png`` to ``saved_model/<n_folder>/eval_<NNN>/`` (named after
+the system, and the trial list when not the run's own: ``svlab/evaluation.py``), all at once. The data and
+test settings not given explicitly are the run's own (``config`` recorded in the checkpoint).
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from tqdm import tqdm
 from dataset import SpkTestDataset
 from svlab import evaluation, metrics
 from svlab.checkpoint import epoch_checkpoint_path, load_checkpoint, run_folder
+from svlab.guard import one_line, run_command, say
 from svlab.config import CHOICES, config_path_value, load_config, parse_override, resolve_path
 from svlab.cpu_runtime import warm_up_vector_math
 from svlab.embedding import cli_path, select_device, write_embeddings
-from svlab.errors import LabError
 from svlab.models import model_from_checkpoint
 from svlab.report import write_report
 from svlab.scoring_system import fit_or_load_backend, score_trials, scoring_options
@@ -138,104 +139,109 @@ def roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return far, frr, float(eer), float(threshold)
 
 
-def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, device=None, log=print,
+def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, device=None, log=say,
              baseline: bool = False, *, backend: str | None = None, score_norm: str | None = None,
              asnorm_top_n: int | None = None, center: bool | None = None, calibrate: bool | None = None,
              retrain_backend: bool = False, save_embeddings: bool = False, report: bool = False) -> dict:
     """Embed the test utterances, score every trial, compute EER/minDCF, write outputs; return metrics.
 
     Keyword options default to the ``test.*`` config keys (``backend``, ``score_norm``, ``asnorm_top_n``,
-    ``center``, ``calibrate``).
+    ``center``, ``calibrate``); the ``data`` and ``test`` keys the user did not give come from the run
+    (``evaluation.with_run_settings``). The output folder changes only once everything is written.
     """
+    device, state, model = device or torch.device("cpu"), None, None
+    checkpoint = None if baseline else Path(checkpoint)
+    if not baseline:
+        model, state = load_model(checkpoint, device)                                  # 3.1
+        log(f"checkpoint: {checkpoint} ({one_line(state.get('tag', 'model'))}, epoch {state['epoch']})")
+        cfg = evaluation.with_run_settings(cfg, state, checkpoint, log)
     opts = scoring_options(cfg, backend, score_norm, asnorm_top_n, center, calibrate)
-    device = device or torch.device("cpu")
     batch_size = cfg["test"]["batch_size"]
     test = evaluation.read_test_trials(cfg, log)
-    if baseline:
-        checkpoint, state, model, feat_cfg = None, None, None, cfg["features"]
-        system = "baseline (MFCC mean+std)"
-        t0 = time.perf_counter()
-        rows = test.needed
-        emb = evaluation.mfcc_stats_embeddings([config_path_value(cfg, "test.root") / r for r in rows], feat_cfg)
-    else:
-        checkpoint = Path(checkpoint)
-        model, state = load_model(checkpoint, device)                                  # 3.1
-        feat_cfg = evaluation.checkpoint_settings(cfg, state, checkpoint, test, log)
-        system = f"{state.get('tag', 'model')} epoch {state['epoch']}"
-        t0 = time.perf_counter()
-        dataset = SpkTestDataset({**cfg, "features": feat_cfg}, log=log, relpaths=test.needed)
-        emb = embed(model, dataset, batch_size, device)                                # 3.1
-        rows = [u.relpath for u in dataset.utterances]
-    t_embed = time.perf_counter() - t0
+    out_dir = Path(out_dir) if out_dir is not None else \
+        evaluation.evaluation_folder(checkpoint, opts, cfg, evaluation.trials_tag(test, state))
+    with evaluation.EvaluationFolder(out_dir, test, log) as work:  # refused here if out_dir must not be replaced
+        if baseline:
+            feat_cfg = cfg["features"]
+            system = "baseline (MFCC mean+std)"
+            t0 = time.perf_counter()
+            rows = test.needed
+            emb = evaluation.mfcc_stats_embeddings([config_path_value(cfg, "test.root") / r for r in rows], feat_cfg)
+        else:
+            feat_cfg = evaluation.checkpoint_settings(cfg, state, checkpoint, test, log)
+            system = f"{state.get('tag', 'model')} epoch {state['epoch']}"
+            t0 = time.perf_counter()
+            dataset = SpkTestDataset({**cfg, "features": feat_cfg}, log=log, relpaths=test.needed)
+            emb = embed(model, dataset, batch_size, device)                            # 3.1
+            rows = [u.relpath for u in dataset.utterances]
+        t_embed = time.perf_counter() - t0
 
-    out_dir = Path(out_dir) if out_dir is not None else evaluation.evaluation_folder(checkpoint, opts, cfg)
-    embed_paths = evaluation.training_embedder(model, feat_cfg, batch_size, device, log)
-    fb, backend_details = fit_or_load_backend(opts, cfg, state, checkpoint, feat_cfg, out_dir, retrain_backend,
-                                              embed_paths, log)
-    index = {r: i for i, r in enumerate(rows)}
-    enroll_idx = np.array([index[t.enroll] for t in test.trials], dtype=np.int64)
-    test_idx = np.array([index[t.test] for t in test.trials], dtype=np.int64)
-    labels = np.array([t.label for t in test.trials], dtype=np.int64)
-    t1 = time.perf_counter()
-    if opts.plain:  # the lab's system: cosine similarity of the embeddings (3.1)
-        scores = np.concatenate([cosine_score(emb[enroll_idx[s:s + SCORE_CHUNK]], emb[test_idx[s:s + SCORE_CHUNK]])
-                                 for s in range(0, len(labels), SCORE_CHUNK)])
-    else:  # centering, PLDA, AS-norm
-        scores = score_trials(fb, opts, emb, enroll_idx, test_idx)
-    t_score = time.perf_counter() - t1
+        embed_paths = evaluation.training_embedder(model, feat_cfg, batch_size, device, log)
+        fb, backend_details = fit_or_load_backend(opts, cfg, state, checkpoint, feat_cfg, out_dir, retrain_backend,
+                                                  embed_paths, log, save_dir=work.path)
+        index = {r: i for i, r in enumerate(rows)}
+        enroll_idx = np.array([index[t.enroll] for t in test.trials], dtype=np.int64)
+        test_idx = np.array([index[t.test] for t in test.trials], dtype=np.int64)
+        labels = np.array([t.label for t in test.trials], dtype=np.int64)
+        t1 = time.perf_counter()
+        if opts.plain:  # the lab's system: cosine similarity of the embeddings (3.1)
+            scores = np.concatenate([cosine_score(emb[enroll_idx[s:s + SCORE_CHUNK]], emb[test_idx[s:s + SCORE_CHUNK]])
+                                     for s in range(0, len(labels), SCORE_CHUNK)])
+        else:  # centering, PLDA, AS-norm
+            scores = score_trials(fb, opts, emb, enroll_idx, test_idx)
+        t_score = time.perf_counter() - t1
 
-    result = metrics.summary(scores, labels)  # minDCF and trial counts (and a clear error for a one-class list)
-    far, frr, eer, threshold = roc(scores, labels)                                     # 3.2
-    result.update(eer=eer, threshold=threshold)
-    result.update(evaluation.describe_run(opts, checkpoint, state, test, len(emb), f"{system}, {opts.label}",
-                                          t_embed, t_score))
-    result.update(backend_details)
-    llr = None
-    if opts.calibrate:
-        llr, calibration = evaluation.calibration_metrics(fb, scores, labels)
-        result.update(calibration)
-    evaluation.write_outputs(out_dir, test, scores, labels, far, frr, result, opts, checkpoint, llr)
-    if save_embeddings:
-        write_embeddings(out_dir / "embeddings.npy", emb, rows)
-        log(f"embeddings: {out_dir / 'embeddings.npy'} ({emb.shape[0]} x {emb.shape[1]}, float32), rows listed "
-            f"in {out_dir / 'embeddings_index.txt'}")
-    if checkpoint is not None:
-        evaluation.record_evaluation(checkpoint, out_dir / "metrics.json", result)
+        result = metrics.summary(scores, labels)  # minDCF and trial counts (and a clear error for a one-class list)
+        far, frr, eer, threshold = roc(scores, labels)                                 # 3.2
+        result.update(eer=eer, threshold=threshold)
+        result.update(evaluation.describe_run(opts, checkpoint, state, test, len(emb), f"{system}, {opts.label}",
+                                              t_embed, t_score))
+        result.update(backend_details)
+        llr = None
+        if opts.calibrate:
+            llr, calibration = evaluation.calibration_metrics(fb, scores, labels)
+            result.update(calibration)
+        evaluation.write_outputs(work.path, test, scores, labels, far, frr, result, opts, checkpoint, llr)
+        if save_embeddings:
+            write_embeddings(work.path / "embeddings.npy", emb, rows)
+        if checkpoint is not None:  # right after the new folder is in place
+            work.after_commit.append(lambda: evaluation.record_evaluation(checkpoint, out_dir / "metrics.json",
+                                                                          result, log))
     result["out_dir"] = str(out_dir)
-    log(f"Epoch={state['epoch'] if state else '-'} EER= {eer * 100:.2f} Thres= {threshold:.5f}")
-    evaluation.log_details(result, opts, out_dir, log)
+    log(f"Epoch={state['epoch'] if state else '-'} EER= {eer * 100:.2f} Thres= {threshold:.5f} "
+        f"(trials: {evaluation.display_path(test.trials_path)})")
+    evaluation.log_details(result, opts, out_dir, log, embeddings=len(emb) if save_embeddings else None)
     if report:
         if checkpoint is None:
             log("note: --report needs a checkpoint's run folder; no report for the baseline")
         else:
             result["report"] = str(write_report(checkpoint.parent, log=log)[1])
-    log(f"ROC curve: {out_dir / 'roc.png'}")
     return result
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        overrides = dict(parse_override(s) for s in args.set)
-        if args.n_folder is not None:  # (None would also drop a --set train.n_folder=...)
-            overrides["train.n_folder"] = args.n_folder
-        cfg = load_config(args.config, overrides)
-        if args.baseline:
-            checkpoint = None
-        elif args.checkpoint:
-            checkpoint = cli_path(args.checkpoint)
-        elif args.cp_num is not None:
-            checkpoint = epoch_checkpoint_path(run_folder(cfg), args.cp_num)
-        else:
-            checkpoint = config_path_value(cfg, "test.model_path")
-        evaluate(cfg, checkpoint, resolve_path(args.out) if args.out else None, device=select_device(args.gpu),
-                 baseline=args.baseline, backend=args.backend, score_norm=args.score_norm,
-                 asnorm_top_n=args.asnorm_top_n, center=args.center, calibrate=args.calibrate,
-                 retrain_backend=args.retrain_backend, save_embeddings=args.save_embeddings, report=args.report)
-    except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    # a user error: one line 'error: ...', exit 2; Ctrl-C / SIGTERM: one line, exit 130, folder unchanged
+    return run_command(lambda: run(args), evaluation.interruption_note())
+
+
+def run(args: argparse.Namespace) -> dict:
+    overrides = dict(parse_override(s) for s in args.set)
+    if args.n_folder is not None:  # (None would also drop a --set train.n_folder=...)
+        overrides["train.n_folder"] = args.n_folder
+    cfg = load_config(args.config, overrides)
+    if args.baseline:
+        checkpoint = None
+    elif args.checkpoint:
+        checkpoint = cli_path(args.checkpoint)
+    elif args.cp_num is not None:
+        checkpoint = epoch_checkpoint_path(run_folder(cfg), args.cp_num)
+    else:
+        checkpoint = config_path_value(cfg, "test.model_path")
+    return evaluate(cfg, checkpoint, resolve_path(args.out) if args.out else None, device=select_device(args.gpu),
+                    baseline=args.baseline, backend=args.backend, score_norm=args.score_norm,
+                    asnorm_top_n=args.asnorm_top_n, center=args.center, calibrate=args.calibrate,
+                    retrain_backend=args.retrain_backend, save_embeddings=args.save_embeddings, report=args.report)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from svlab import augment
 from svlab.config import config_path_value, key_source
-from svlab.feature_cache import load_features, load_training_items
+from svlab.feature_cache import TEST_AUDIO_FIX, load_features, load_training_items
 from svlab.features import equal_length_batches, repeat_to
 from svlab.manifests import check_root, read_manifest
 
@@ -124,7 +124,7 @@ class SpkTestDataset(Dataset):
             utts = [u for u in utts if u.relpath in wanted]
         check_root(self.root, utts, "test.root", manifest, key_source(opts, "test.root"))
         feats, kept, problems = load_features([self.root / u.relpath for u in utts], opts["features"],
-                                              policy="error", log=log, desc="test MFCC")
+                                              policy="error", log=log, desc="test MFCC", fix=TEST_AUDIO_FIX)
         self.utterances = [utts[i] for i in kept]
         self.features = feats
         self.index = {u.relpath: i for i, u in enumerate(self.utterances)}

@@ -13,10 +13,15 @@ Every epoch writes ``saved_model/<n_folder>/checkpoint_<epoch:03d>.pth`` (atomic
 ``--resume`` continues mid-epoch and reproduces the losses of an uninterrupted run.
 
 Faults: config and data-path problems stop the run before any feature extraction and before the
-run folder is touched (``--overwrite`` clears the old run only once the new data has been read).
-A non-finite loss or weight stops training with the epoch and step; the last good checkpoint
-stays. ``--resume`` refuses a checkpoint of another model/loss/feature configuration and applies
-a changed ``--lr``. Temporary files left by a killed save are removed at the next start.
+run folder is touched. ``--overwrite`` sets the old run aside (``.previous/``) once the new data has
+been read and deletes it only when the new run has saved its first checkpoint; a run that stops
+before (error, divergence, Ctrl-C) puts it back. A second ``train.py`` on a locked run folder is
+refused, naming the first. A non-finite loss or weight stops training with the epoch and step; the
+last good checkpoint stays. ``--resume`` continues from the newest readable resumable checkpoint
+(unreadable newer ones are kept as ``*.unreadable``, and named) and refuses when there is none, a
+checkpoint of another model/loss/feature configuration, or one that would overwrite a newer readable
+checkpoint; it applies a changed ``--lr``. Temporary files left by a killed save are removed at the
+next start. The run ends by printing the ``EER.py`` command that evaluates it.
 
 The machinery lives in ``svlab``: ``svlab.training`` (precision, schedule, signals, divergence checks,
 torch.compile), ``svlab.run_folder`` (what a run writes and resumes from), ``svlab.distributed`` (DDP).
@@ -41,8 +46,8 @@ from svlab.demo_corpus import ensure_demo_corpus
 from svlab.embedding import select_device
 from svlab.errors import ConfigError, DataError, LabError
 from svlab.manifests import check_training_data
-from svlab.models import build_loss, build_model, describe
-from svlab.run_folder import RunFolder, prepare, refuse_reuse
+from svlab.models import build_loss, build_model, check_model_size, describe
+from svlab.run_folder import EVAL_SECTIONS, RunFolder, RunSession, next_command, prepare
 from svlab.training import (StopFlag, amp_dtype_for, autocast, check_loss, check_weights, compile_with_fallback,
                             lr_lambda, quiet, warm_up_margin)
 
@@ -94,145 +99,151 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     ``dist_info`` (``distributed.DistInfo``, from ``torchrun``): ``train.batchsize`` is then the global
     batch, split evenly over the processes; only rank 0 writes files.
     """
-    warm_up_vector_math()  # before any multi-threaded float math: exact, reproducible results
     info = dist_info or dd.DistInfo(device=device or torch.device("cpu"))
-    device = info.device
     log = log if info.is_main else quiet
-    tcfg = cfg["train"]
-    folder = run_folder(cfg)
+    device, tcfg = info.device, cfg["train"]
+    folder = run_folder(cfg)  # inside train.save_dir, or a one-line ConfigError
     # Order matters: every check that can fail fast runs before the slow feature extraction, and
     # nothing in the run folder is changed before the data has been read successfully.
-    refuse_reuse(folder, resume, overwrite)
     if tcfg["batchsize"] % info.world_size:
         raise ConfigError(f"train.batchsize {tcfg['batchsize']} is the global batch and must be divisible by the "
                           f"{info.world_size} processes")
-    batch_per_process = tcfg["batchsize"] // info.world_size
-    amp_dtype = amp_dtype_for(cfg, device, log)
-    if amp_dtype is not None:
-        log(f"mixed precision: torch.autocast {str(amp_dtype).replace('torch.', '')} on {device.type} "
-            f"(train.amp={tcfg['amp']}); weights, optimiser and checkpoints stay float32")
+    check_model_size(cfg["model"], cfg["features"]["n_mfcc"])  # an absurd network is refused before any work
+    # the folder is locked for this run and refused if reused without --resume/--overwrite; a previous run
+    # set aside by --overwrite is put back if this one ends (error, Ctrl-C) before its first checkpoint
+    with RunSession(folder, info, resume=resume, overwrite=overwrite, log=log):
+        warm_up_vector_math()  # before any multi-threaded float math: exact, reproducible results
+        batch_per_process = tcfg["batchsize"] // info.world_size
+        amp_dtype = amp_dtype_for(cfg, device, log)
+        if amp_dtype is not None:
+            log(f"mixed precision: torch.autocast {str(amp_dtype).replace('torch.', '')} on {device.type} "
+                f"(train.amp={tcfg['amp']}); weights, optimiser and checkpoints stay float32")
 
-    # ---- data: the random crops of the training utterances (rank 0 prepares, the others then read)
-    with dd.main_process_first(info):
-        ensure_demo_corpus(cfg["data"]["root"], log=log)
-        check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
-        t0 = time.perf_counter()
-        dataset = SpkTrainDataset(cfg, log=log)
-    n_classes = len(dataset.speakers)  # speed-perturbed copies as new speakers count as classes too
-    n_manifest_speakers = len({u.speaker for u in dataset.utterances if u.speaker in dataset.manifest_speakers})
-    if speaker_size is not None and speaker_size != n_manifest_speakers:
-        raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has "
-                          f"{n_manifest_speakers} speakers; drop --speaker_size or fix the manifest")
-    if n_classes < 2:
-        raise DataError(f"{cfg['data']['train_manifest']}: training needs at least 2 speakers, found {n_classes}"
-                        + (f" after skipping {len(dataset.skipped)} unusable file(s)" if dataset.skipped else ""))
-    log(f"training data: {len(dataset)} utterances, {n_classes} speakers "
-        f"(features ready in {time.perf_counter() - t0:.1f}s)")
-    if info.is_main:
-        prepare(folder, clear=overwrite and not resume, log=log)
-    dd.barrier(info)
+        # ---- data: the random crops of the training utterances (rank 0 prepares, the others then read)
+        with dd.main_process_first(info):
+            ensure_demo_corpus(cfg["data"]["root"], log=log)
+            check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
+            t0 = time.perf_counter()
+            dataset = SpkTrainDataset(cfg, log=log)
+        n_classes = len(dataset.speakers)  # speed-perturbed copies as new speakers count as classes too
+        n_manifest_speakers = len({u.speaker for u in dataset.utterances if u.speaker in dataset.manifest_speakers})
+        if speaker_size is not None and speaker_size != n_manifest_speakers:
+            raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has "
+                              f"{n_manifest_speakers} speakers; drop --speaker_size or fix the manifest")
+        if n_classes < 2:
+            raise DataError(f"{cfg['data']['train_manifest']}: training needs at least 2 speakers, found {n_classes}"
+                            + (f" after skipping {len(dataset.skipped)} unusable file(s)" if dataset.skipped else ""))
+        log(f"training data: {len(dataset)} utterances, {n_classes} speakers "
+            f"(features ready in {time.perf_counter() - t0:.1f}s)")
+        if info.is_main:
+            prepare(folder, clear=overwrite and not resume, log=log)
+        dd.barrier(info)
 
-    # ---- model, loss and optimiser (lab step 2.4)
-    torch.manual_seed(tcfg["seed"])
-    # =====> code <=====
-    model = build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
-    criterion = build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes).to(device)
-    optimizer = torch.optim.Adam([*model.parameters(), *criterion.parameters()], lr=tcfg["lr"],
-                                 weight_decay=tcfg["weight_decay"])
-    # =====> code <=====
-    steps_per_epoch = dd.steps_per_epoch(len(dataset), batch_per_process, info)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # float16 only
-    # the run folder keeps the modules themselves: wrapped below, they train the same weights
-    run = RunFolder(cfg, model, criterion, optimizer, scheduler, scaler, dataset.speakers, log, info.is_main)
-    history, start_epoch, skip_steps, partial = run.resume() if resume else ([], 1, 0, None)
-    run.write_config(dataset.skipped, resume)
+        # ---- model, loss and optimiser (lab step 2.4)
+        torch.manual_seed(tcfg["seed"])
+        # =====> code <=====
+        model = build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
+        criterion = build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes).to(device)
+        optimizer = torch.optim.Adam([*model.parameters(), *criterion.parameters()], lr=tcfg["lr"],
+                                     weight_decay=tcfg["weight_decay"])
+        # =====> code <=====
+        steps_per_epoch = dd.steps_per_epoch(len(dataset), batch_per_process, info)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # float16 only
+        # the run folder keeps the modules themselves: wrapped below, they train the same weights
+        run = RunFolder(cfg, model, criterion, optimizer, scheduler, scaler, dataset.speakers, log, info.is_main)
+        history, start_epoch, skip_steps, partial = run.resume() if resume else ([], 1, 0, None)
+        run.write_config(dataset.skipped, resume)
 
-    if tcfg["keep_freed_memory"]:  # after feature extraction: its variable-size arrays would fragment the heap
-        applied, why = keep_freed_memory()
-        if not applied:
-            log(f"note: train.keep_freed_memory has no effect here: {why}")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    head = criterion  # the loss head itself, whose margin warms up
-    if compile_model:
-        model = compile_with_fallback(model, log)
-    model, criterion = dd.wrap_model(model, info), dd.wrap_model(criterion, info)  # DDP: gradients averaged
+        if tcfg["keep_freed_memory"]:  # after feature extraction: its variable-size arrays would fragment the heap
+            applied, why = keep_freed_memory()
+            if not applied:
+                log(f"note: train.keep_freed_memory has no effect here: {why}")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        head = criterion  # the loss head itself, whose margin warms up
+        if compile_model:
+            model = compile_with_fallback(model, log)
+        model, criterion = dd.wrap_model(model, info), dd.wrap_model(criterion, info)  # DDP: gradients averaged
 
-    # ---- training loop
-    epochs = tcfg["epochs"]
-    total_steps_done = 0
-    with StopFlag() as stop:
-        for epoch in range(start_epoch, epochs + 1):
-            dataset.set_epoch(epoch)  # the epoch's crops
-            if info.distributed:
-                order = dict(sampler=dd.make_sampler(dataset, info, seed=tcfg["seed"], epoch=epoch))
-            else:
-                order = dict(shuffle=True, generator=torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch))
-            loader = DataLoader(dataset, batch_size=batch_per_process, collate_fn=dataset.collate_fn,
-                                num_workers=tcfg["num_workers"], pin_memory=device.type == "cuda", **order)
-            model.train()
-            criterion.train()
-            sums = {"loss": 0.0, "acc": 0.0, "n": 0, "seconds": 0.0}
-            if skip_steps:  # the saved partial sums are already totals over all processes: count them once
-                sums = dict(partial) if info.is_main else {**sums, "seconds": partial["seconds"]}
-            t_epoch = time.perf_counter()
-            bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr,
-                       disable=None)
-            for step, (x, y) in enumerate(bar):
-                if step < skip_steps:
-                    continue
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                warm_up_margin(head, cfg["loss"], epoch, step, steps_per_epoch)
-                with autocast(device, amp_dtype):
+        # ---- training loop
+        epochs = tcfg["epochs"]
+        total_steps_done = 0
+        with StopFlag() as stop:
+            for epoch in range(start_epoch, epochs + 1):
+                dataset.set_epoch(epoch)  # the epoch's crops
+                if info.distributed:
+                    order = dict(sampler=dd.make_sampler(dataset, info, seed=tcfg["seed"], epoch=epoch))
+                else:
+                    order = dict(shuffle=True, generator=torch.Generator().manual_seed(tcfg["seed"] * 100_003 + epoch))
+                loader = DataLoader(dataset, batch_size=batch_per_process, collate_fn=dataset.collate_fn,
+                                    num_workers=tcfg["num_workers"], pin_memory=device.type == "cuda", **order)
+                model.train()
+                criterion.train()
+                sums = {"loss": 0.0, "acc": 0.0, "n": 0, "seconds": 0.0}
+                if skip_steps:  # the saved partial sums are already totals over all processes: count them once
+                    sums = dict(partial) if info.is_main else {**sums, "seconds": partial["seconds"]}
+                t_epoch = time.perf_counter()
+                bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr,
+                           disable=None)
+                for step, (x, y) in enumerate(bar):
+                    if step < skip_steps:
+                        continue
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    warm_up_margin(head, cfg["loss"], epoch, step, steps_per_epoch)
+                    with autocast(device, amp_dtype):
+                        # =====> code <=====
+                        embeddings = model(x)                    # (batch, embedding_size)
+                        loss, acc = criterion(embeddings, y)     # scalar loss, accuracy in %
+                        # =====> code <=====
+                    check_loss(loss, info, epoch, step + 1, folder)  # on every process: all stop at the same step
                     # =====> code <=====
-                    embeddings = model(x)                    # (batch, embedding_size)
-                    loss, acc = criterion(embeddings, y)     # scalar loss, accuracy in %
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     # =====> code <=====
-                check_loss(loss, info, epoch, step + 1, folder)  # on every process: all stop at the same step
-                # =====> code <=====
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                # =====> code <=====
-                scheduler.step()
+                    scheduler.step()
 
-                n = y.shape[0]
-                sums["loss"] += loss.item() * n
-                sums["acc"] += acc.item() * n
-                sums["n"] += n
-                total_steps_done += 1
-                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.1f}%")
-                stopping = stop.signum is not None or (stop_after_steps is not None
-                                                       and total_steps_done >= stop_after_steps)
-                if dd.any_rank(stopping, info):  # Ctrl-C / SIGTERM: save where we are, then stop
-                    totals = dd.all_reduce_sum([sums["loss"], sums["acc"], sums["n"]], info)
-                    partial = {**dict(zip(("loss", "acc", "n"), totals)),
-                               "seconds": sums["seconds"] + time.perf_counter() - t_epoch}
-                    run.save_interrupted(epoch, step + 1, partial, history)
-                    return {"run_folder": folder, "interrupted": True, "history": history}
-            bar.close()
-            skip_steps = 0
+                    n = y.shape[0]
+                    sums["loss"] += loss.item() * n
+                    sums["acc"] += acc.item() * n
+                    sums["n"] += n
+                    total_steps_done += 1
+                    bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.1f}%")
+                    stopping = stop.signum is not None or (stop_after_steps is not None
+                                                           and total_steps_done >= stop_after_steps)
+                    if dd.any_rank(stopping, info):  # Ctrl-C / SIGTERM: save where we are, then stop
+                        totals = dd.all_reduce_sum([sums["loss"], sums["acc"], sums["n"]], info)
+                        partial = {**dict(zip(("loss", "acc", "n"), totals)),
+                                   "seconds": sums["seconds"] + time.perf_counter() - t_epoch}
+                        run.save_interrupted(epoch, step + 1, partial, history)
+                        return {"run_folder": folder, "interrupted": True, "history": history}
+                bar.close()
+                skip_steps = 0
 
-            # ---- end of epoch: log, check, save
-            if info.distributed:  # epoch means over every process's crops
-                sums["loss"], sums["acc"], sums["n"] = dd.all_reduce_sum([sums["loss"], sums["acc"], sums["n"]], info)
-            seconds = sums["seconds"] + time.perf_counter() - t_epoch
-            record = {"epoch": epoch, "loss": sums["loss"] / max(sums["n"], 1), "acc": sums["acc"] / max(sums["n"], 1),
-                      "lr": optimizer.param_groups[0]["lr"], "margin": getattr(head, "margin", 0.0),
-                      "seconds": round(seconds, 3)}
-            check_weights([run.model, run.criterion], epoch, steps_per_epoch, folder)  # never saved if not finite
-            history.append(record)
-            log(f"Train Stage: {epoch}/{epochs} ===> Loss {record['loss']:.4f} Acc {record['acc']:.2f}%"
-                f"  (lr {record['lr']:.2e}, {seconds:.1f}s)")
-            if info.is_main:
-                run.save_epoch(epoch, history)
-            dd.barrier(info)  # every rank waits for rank 0's checkpoint, so each can resume from it
+                # ---- end of epoch: log, check, save
+                if info.distributed:  # epoch means over every process's crops
+                    sums["loss"], sums["acc"], sums["n"] = dd.all_reduce_sum(
+                        [sums["loss"], sums["acc"], sums["n"]], info)
+                seconds = sums["seconds"] + time.perf_counter() - t_epoch
+                record = {"epoch": epoch, "loss": sums["loss"] / max(sums["n"], 1),
+                          "acc": sums["acc"] / max(sums["n"], 1),
+                          "lr": optimizer.param_groups[0]["lr"], "margin": getattr(head, "margin", 0.0),
+                          "seconds": round(seconds, 3)}
+                check_weights([run.model, run.criterion], epoch, steps_per_epoch, folder)  # never saved if not finite
+                history.append(record)
+                log(f"Train Stage: {epoch}/{epochs} ===> Loss {record['loss']:.4f} Acc {record['acc']:.2f}%"
+                    f"  (lr {record['lr']:.2e}, {seconds:.1f}s)")
+                if info.is_main:
+                    run.save_epoch(epoch, history)
+                dd.barrier(info)  # every rank waits for rank 0's checkpoint, so each can resume from it
 
-    final = run.finish()
-    log(f"done: {len(history)} epochs in {folder}; final checkpoint {final}")
-    return {"run_folder": folder, "final_checkpoint": final, "history": history, "interrupted": False}
+        final = run.finish()
+        log(f"done: {len(history)} epochs in {folder}; final checkpoint {final}")
+        last = str(history[-1]["epoch"])
+        log(f"next, evaluate it: {next_command('EER.py', cfg, '--cp_num', last, sections=EVAL_SECTIONS)}")
+        return {"run_folder": folder, "final_checkpoint": final, "history": history, "interrupted": False}
 
 
 def main(argv=None) -> int:

@@ -4,14 +4,19 @@ The lab's files tell the story; the machinery they share lives here, one fact pe
 
 Configuration, files and errors
 ``config``          load and validate ``config.yaml`` (the schema: every key, its default and choices)
+``yaml_files``      reading YAML within limits (aliases, size, nesting; backslashes in double quotes)
 ``errors``          the user-fixable errors every command reports in one line
 ``files``           write-then-rename for every file the project writes
+``text``            printing outside text (file names, checkpoint fields) escaped and short
+``safe_update``     results folders swapped in whole; unreadable indexes kept aside, never replaced
+``guard``           around every command: one line for an error or Ctrl-C/SIGTERM, escaped output
 
 Data (under ``dataset.py``)
 ``manifests``       manifests and trial lists, and the cheap checks of the data folders
 ``audio``           reading audio (any format, rate and channel count) with one-line problems
 ``features``        the MFCC front end (librosa) and the feature settings' signature
 ``feature_cache``   features computed once in parallel and cached on disk, augmented copies
+``process_pool``    worker processes that stop at once with whatever stops the command
 ``augment``         noise, reverberation, speed and SpecAugment
 ``demo_corpus``     the embedded synthetic corpus used when no real data is configured
 ``corpora``         finding a corpus on disk (AISHELL-1 and other layouts) for ``tools/prepare_data.py``

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from svlab.config import config_path_value
-from svlab.errors import CheckpointError
+from svlab.config import PROJECT_ROOT, config_path_value, is_foreign_path, key_source
+from svlab.errors import CheckpointError, ConfigError
 from svlab.features import FEATURE_KEYS, LEGACY_FEATURE_DEFAULTS
 from svlab.files import atomic_write
+from svlab.text import excerpt
 
 FORMAT = "speaker-lab-checkpoint/1"
 EPOCH_PATTERN = re.compile(r"^checkpoint_(\d{3,})\.pth$")
@@ -37,8 +38,31 @@ INTERRUPTED = "interrupted.pth"  # the resumable state saved on Ctrl-C / SIGTERM
 
 
 def run_folder(cfg: dict) -> Path:
-    """The run folder of ``cfg``: ``<train.save_dir>/<train.n_folder>``, e.g. ``saved_model/000``."""
-    return config_path_value(cfg, "train.save_dir") / str(cfg["train"]["n_folder"])
+    """The run folder of ``cfg``: ``<train.save_dir>/<train.n_folder>``, e.g. ``saved_model/000``.
+
+    ``ConfigError`` (one line, the key and the file) unless it lies inside ``train.save_dir``: no empty
+    name, no ``.``/``..`` part, no absolute path; and never the project folder or one above it (a run
+    writes ``config.yaml`` and checkpoints into its folder)."""
+    save_dir = config_path_value(cfg, "train.save_dir")
+    name = cfg["train"]["n_folder"]
+    text = "" if name is None else str(name)
+    parts = text.replace("\\", "/").split("/")
+    if not text.strip() or all(part in ("", ".") for part in parts):
+        problem = "is empty; give the run folder's name, e.g. 001"
+    elif is_foreign_path(text) or text.startswith(("/", "\\")) or Path(text).is_absolute():
+        problem = f"is {excerpt(text)}, a path; give a folder name inside train.save_dir, e.g. 001"
+    elif ".." in parts or "." in parts:
+        problem = (f"is {excerpt(text)}, which leaves or repeats train.save_dir; give a folder name inside it "
+                   "without '.' or '..', e.g. 001")
+    else:
+        folder = save_dir / text.replace("\\", "/")
+        resolved, project = folder.resolve(), PROJECT_ROOT.resolve()
+        if resolved != project and resolved not in project.parents:
+            return folder
+        raise ConfigError(f"{key_source(cfg, 'train.save_dir')}: keys 'train.save_dir' and 'train.n_folder' make "
+                          f"the run folder {excerpt(str(folder))}, the project folder or one above it; point "
+                          "train.save_dir at a folder of its own (default: saved_model)")
+    raise ConfigError(f"{key_source(cfg, 'train.n_folder')}: key 'train.n_folder' {problem}")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -58,21 +82,31 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; clear one-line errors for every failure."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}{available_hint(path.parent)}")
+        raise _unreadable(f"checkpoint not found: {path}{available_hint(path.parent)}",
+                          "not a file" if path.exists() else "gone")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint of this project ({first[:200]}); "
-            "it may be truncated or not a checkpoint at all. Retrain or pick another file"
-        ) from None
+        raise _unreadable(
+            f"{path} is not a readable checkpoint of this project ({excerpt(first, 200)}); "
+            "it may be truncated or not a checkpoint at all. Retrain or pick another file",
+            f"unreadable, truncated or not a checkpoint ({excerpt(first.split(': ')[0], 60)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
+        raise _unreadable(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)",
+                          f"not a checkpoint of this project (no '{FORMAT}' marker)")
     for key in ("model_state", "config", "speakers", "epoch"):
         if key not in state:
-            raise CheckpointError(f"{path} lacks '{key}'; it is incomplete. Retrain or pick another file")
+            raise _unreadable(f"{path} lacks '{key}'; it is incomplete. Retrain or pick another file",
+                              f"incomplete (no '{key}')")
     return state
+
+
+def _unreadable(message: str, reason: str) -> CheckpointError:
+    """A ``CheckpointError`` with ``reason``, a short why for lists of files (``--resume``)."""
+    err = CheckpointError(message)
+    err.reason = reason
+    return err
 
 
 def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import ntpath
 import os
 import re
+import sys
 from pathlib import Path, PurePosixPath
 
-import yaml
-
-from svlab.errors import ConfigError
+from svlab.errors import ConfigError, YamlSyntaxError
+from svlab.text import excerpt
+from svlab.yaml_files import load_yaml_text, read_yaml_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the project folder: config.yaml, files/, saved_model/
 DEFAULT_CONFIG = PROJECT_ROOT / "config.yaml"
@@ -25,7 +27,7 @@ FILES_DIR = PROJECT_ROOT / "files"  # the lab's manifests: split_train_set.txt, 
 
 
 
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:([\\/]|$)")
 
 
 def normalize_relpath(path: str) -> str:
@@ -44,8 +46,9 @@ def resolve_path(path: str | os.PathLike, base: Path = PROJECT_ROOT) -> Path:
     """Absolute path for a config or manifest path written with either separator.
 
     Relative paths resolve against ``base`` (the project folder for config values). A Windows drive
-    path such as ``F:\\DataSet\\Aishell\\ALL`` stays a drive path; on Linux it simply does not exist,
-    and the caller reports that with the key that named it.
+    path such as ``F:\\DataSet\\Aishell\\ALL`` or a ``\\\\server\\share`` path stays one on Windows;
+    elsewhere it raises ``ConfigError`` (``foreign_path_problem``) instead of becoming a folder named
+    ``F:`` under the working directory. ``config_path_value`` adds the key and the file.
     """
     text = str(path).strip()
     if not text:
@@ -53,10 +56,27 @@ def resolve_path(path: str | os.PathLike, base: Path = PROJECT_ROOT) -> Path:
     if _WINDOWS_DRIVE.match(text) or text.startswith("\\\\"):
         if os.name == "nt":
             return Path(ntpath.normpath(text))
-        return Path(text.replace("\\", "/"))
+        raise ConfigError(foreign_path_problem(text))
     text = text.replace("\\", "/") if os.name != "nt" else text
     p = Path(os.path.expanduser(text))
     return p if p.is_absolute() else (base / p)
+
+
+def is_foreign_path(path) -> bool:
+    """True for a Windows drive or UNC path (``D:\\runs``, ``C:/x``, ``\\\\server\\share``) on a
+    machine that is not Windows: such a path cannot name anything here."""
+    text = str(path).strip()
+    return os.name != "nt" and bool(_WINDOWS_DRIVE.match(text) or text.startswith("\\\\"))
+
+
+def foreign_path_problem(text: str) -> str:
+    """Why a Windows path cannot be used here, with the WSL spelling of a drive path as the example."""
+    m = re.match(r"^([A-Za-z]):[\\/]?(.*)$", text.strip())
+    wsl = f"/mnt/{m.group(1).lower()}/{m.group(2)}".replace("\\", "/") if m else ""
+    example = f" (under WSL the drive is mounted: {excerpt(wsl)})" if m else " (mount the share and give the mount point)"
+    system = "macOS" if sys.platform == "darwin" else "Linux" if sys.platform.startswith("linux") else os.name
+    return (f"{excerpt(text)} is a Windows path, which this {system} machine cannot open; "
+            f"give it as a path of this machine{example}")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -72,25 +92,37 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path} (pass an existing file to --config)") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    """A config file's sections; missing, a folder, not UTF-8, not YAML, oversized or alias-bombed
+    files are one ``ConfigError`` each (``svlab.yaml_files``)."""
+    data = read_yaml_file(path, check_escapes=True) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data:, test:, ...) at the top level")
     return data
 
 
 def _check_value(key: str, value, default, source: str):
-    """Coerce ``value`` to the type of ``default`` or raise a ConfigError naming key and source."""
-    if default is None or value is None:
+    """Coerce ``value`` to the type of ``default`` or raise a ConfigError naming key and source.
+
+    A key with no value (``lr:`` or ``~``, null in YAML), a number that is not finite (``.nan``,
+    ``1e999``) and a string holding control characters (``"F:\\new"`` in double quotes) are refused too.
+    """
+    if default is None:
         return value
+    if value is None:
+        raise ConfigError(f"{source}: key '{key}' has no value (YAML reads an empty value or ~ as null); give "
+                          f"a {type(default).__name__} like the default {excerpt(repr(default))}, or delete the line")
+    value = _coerce(key, value, default, source)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{key}' is {value}; give a finite number")
+    if isinstance(value, str) and not value.isprintable():
+        raise ConfigError(f"{source}: key '{key}' holds a control character ({excerpt(repr(value))}); inside "
+                          "double quotes YAML reads a backslash as an escape (\\n, \\t): use single quotes or none")
+    if isinstance(value, list) and any(isinstance(x, float) and not math.isfinite(x) for x in value):
+        raise ConfigError(f"{source}: key '{key}' holds a number that is not finite ({excerpt(repr(value))})")
+    return value
+
+
+def _coerce(key: str, value, default, source: str):
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -114,7 +146,8 @@ def _check_value(key: str, value, default, source: str):
     hint = ("; YAML reads unquoted yes/no/on/off/true/false as a boolean: quote the word"
             if isinstance(default, str) and isinstance(value, bool) else "")
     raise ConfigError(
-        f"{source}: key '{key}' must be {type(default).__name__} (like the default {default!r}), got {value!r}{hint}"
+        f"{source}: key '{key}' must be {type(default).__name__} (like the default {default!r}), "
+        f"got {excerpt(repr(value))}{hint}"
     )
 
 
@@ -125,7 +158,7 @@ def _merge(base: dict, update: dict, schema_flat: dict, source: str, prefix: str
         if key not in schema_flat and not any(s.startswith(key + ".") for s in schema_flat):
             close = difflib.get_close_matches(key, list(schema_flat), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known sections: {sorted(base)}"
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{source}: unknown key '{excerpt(key)}'{hint}")
         if isinstance(v, dict):
             if not isinstance(base.get(k), dict):
                 raise ConfigError(f"{source}: key '{key}' is a value, not a section")
@@ -146,8 +179,8 @@ def parse_override(text: str) -> tuple[str, object]:
     if re.fullmatch(r"\s*[+-]?0\d+\s*", raw):  # run folders like 001: YAML would read an int (or octal)
         return key.strip(), raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml_text(raw, f"--set {excerpt(key.strip())}") if raw.strip() else ""
+    except YamlSyntaxError:
         value = raw
     return key.strip(), value
 
@@ -165,6 +198,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     source = str(DEFAULT_CONFIG)
     sources: dict[str, str] = {}
     if path is not None:
+        if is_foreign_path(path):
+            raise ConfigError(f"--config: {foreign_path_problem(str(path))}")
         user_path = Path(path)
         if not user_path.is_absolute():
             user_path = Path.cwd() / user_path
@@ -228,7 +263,8 @@ def validate(cfg: dict) -> None:
     for key, choices in CHOICES.items():
         value = get_key(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{src(key)}: key '{key}' is {value!r}; choose one of {', '.join(choices)}")
+            raise ConfigError(f"{src(key)}: key '{key}' is {excerpt(repr(value))}; "
+                              f"choose one of {', '.join(choices)}")
     positive = ["features.sample_rate", "features.n_mfcc", "features.n_mels", "train.epochs",
                 "train.batchsize", "train.crop_frames", "model.embedding_size", "model.channels",
                 "model.stat_channels", "test.batch_size", "train.lr"]
@@ -239,7 +275,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"{src('features.n_mfcc')}: features.n_mfcc ({cfg['features']['n_mfcc']}) cannot exceed "
                           f"features.n_mels ({cfg['features']['n_mels']}); raise n_mels")
     for key in ("features.min_seconds", "train.warmup_epochs", "loss.margin_warmup_epochs",
-                "train.keep_checkpoints", "train.num_workers"):
+                "train.keep_checkpoints", "train.num_workers", "train.weight_decay"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{src(key)}: key '{key}' must be 0 or more, got {get_key(cfg, key)!r}")
     if cfg["model"]["name"] == "xvector" and cfg["train"]["crop_frames"] <= XVECTOR_CONTEXT:
@@ -248,6 +284,8 @@ def validate(cfg: dict) -> None:
                           f"consumes {XVECTOR_CONTEXT} frames of context; use more than {XVECTOR_CONTEXT} (100 = 1 s)")
     if "augment" in cfg:
         _validate_augment(cfg)
+    _validate_values(cfg)
+    _validate_paths(cfg)
 
 
 def _validate_augment(cfg: dict) -> None:
@@ -256,7 +294,7 @@ def _validate_augment(cfg: dict) -> None:
 
     def fail(key: str, what: str) -> None:
         dotted = f"augment.{key}"
-        raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}' {what}, got {aug[key]!r}")
+        raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}' {what}, got {excerpt(repr(aug[key]))}")
 
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -281,13 +319,123 @@ def _validate_augment(cfg: dict) -> None:
         fail("speed_factors", "must not be empty when speed perturbation is on")
 
 
+# Ceilings: a value above one cannot fit in memory (a model, a crop, an STFT, a decoded file) or is a
+# typo; ``validate`` refuses it before any work. ``features.max_seconds`` also caps what
+# ``svlab.audio`` reads when no setting is given.
+LIMITS = {
+    "features.sample_rate": 384_000, "features.n_fft": 65_536, "features.n_mels": 1_024,
+    "features.win_length_ms": 1_000, "features.hop_length_ms": 1_000, "features.max_seconds": 7_200,
+    "train.crop_frames": 30_000, "train.batchsize": 65_536, "test.batch_size": 65_536,
+    "model.embedding_size": 8_192, "model.channels": 8_192, "model.stat_channels": 16_384,
+    "augment.copies": 100,
+}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def feature_problems(feat: dict, strict: bool = True) -> list[tuple[str, str]]:
+    """``(key inside features:, what is wrong)`` for settings no MFCC can be made with: counts that are
+    not positive whole numbers, a zero or negative window or hop (or one shorter than a sample), ``fmin``
+    not below ``fmax``, values above ``LIMITS``. ``strict`` adds what ``svlab.features.mfcc`` would
+    quietly adjust (a window longer than ``n_fft``, ``fmax`` above the Nyquist frequency): refused in a
+    config, accepted from a checkpoint that was trained that way."""
+    out: list[tuple[str, str]] = []
+    for k in ("sample_rate", "n_mfcc", "n_mels", "n_fft"):
+        v = feat.get(k)
+        if not (isinstance(v, int) and not isinstance(v, bool)) or v <= 0:
+            out.append((k, f"must be a positive whole number, got {excerpt(repr(v))}"))
+    for k in ("win_length_ms", "hop_length_ms", "fmax"):
+        if not (_number(feat.get(k)) and feat[k] > 0):
+            out.append((k, f"must be a positive number, got {excerpt(repr(feat.get(k)))}"))
+    for k, required in (("fmin", True), ("min_seconds", False), ("max_seconds", False)):
+        v = feat.get(k)
+        if (required or v is not None) and not (_number(v) and v >= (0 if k != "max_seconds" else 1e-9)):
+            out.append((k, f"must be {'positive' if k == 'max_seconds' else '0 or more'}, got {excerpt(repr(v))}"))
+    if out:
+        return out
+    for k in ("sample_rate", "n_fft", "n_mels", "win_length_ms", "hop_length_ms", "max_seconds"):
+        if feat.get(k) is not None and feat[k] > LIMITS[f"features.{k}"]:
+            out.append((k, f"is {feat[k]}; at most {LIMITS[f'features.{k}']} is allowed (more does not fit in "
+                           "memory or is a typo)"))
+    sr, nyquist = feat["sample_rate"], feat["sample_rate"] / 2
+    if feat["fmin"] >= feat["fmax"]:
+        out.append(("fmin", f"({feat['fmin']} Hz) must be below features.fmax ({feat['fmax']} Hz)"))
+    elif feat["fmin"] >= nyquist:
+        out.append(("fmin", f"({feat['fmin']} Hz) must be below half the sample rate ({nyquist:g} Hz)"))
+    elif strict and feat["fmax"] > nyquist:
+        out.append(("fmax", f"({feat['fmax']} Hz) is above half of features.sample_rate ({sr} Hz), the highest "
+                            f"frequency a recording at that rate holds; set it to {nyquist:g} or less"))
+    win, hop = round(sr * feat["win_length_ms"] / 1000), round(sr * feat["hop_length_ms"] / 1000)
+    for k, n in (("win_length_ms", win), ("hop_length_ms", hop)):
+        if n < 1:
+            out.append((k, f"({feat[k]} ms) is shorter than one sample at {sr} Hz"))
+    if strict and win > feat["n_fft"]:
+        fft = 1 << (win - 1).bit_length()
+        out.append(("win_length_ms", f"({feat['win_length_ms']} ms = {win} samples at {sr} Hz) is longer than "
+                                     f"features.n_fft ({feat['n_fft']}); raise n_fft to {fft} or shorten the window"))
+    if feat.get("min_seconds") is not None and feat.get("max_seconds") is not None \
+            and feat["min_seconds"] >= feat["max_seconds"]:
+        out.append(("min_seconds", f"({feat['min_seconds']} s) must be below features.max_seconds "
+                                   f"({feat['max_seconds']} s)"))
+    return out
+
+
+def _validate_values(cfg: dict) -> None:
+    """Ranges beyond ``validate``'s first checks: the feature settings (``feature_problems``), ceilings
+    (``LIMITS``), and each key that must be positive, 0 or more, a fraction, or not empty."""
+    def fail(key: str, what: str, source: str | None = None) -> None:
+        raise ConfigError(f"{source or key_source(cfg, key)}: key '{key}' {what}")
+    related = {"fmax": ("sample_rate",), "fmin": ("fmax", "sample_rate"), "win_length_ms": ("n_fft", "sample_rate"),
+               "hop_length_ms": ("sample_rate",), "min_seconds": ("max_seconds",)}
+    for k, what in feature_problems(cfg["features"]):
+        keys = [f"features.{x}" for x in (k, *related.get(k, ()))]
+        given = [x for x in keys if x in explicit_keys(cfg)]  # name the file the user changed, not the shipped one
+        fail(f"features.{k}", what, key_source(cfg, given[0]) if given else None)
+    flat = flatten(cfg)
+    for key, high in LIMITS.items():
+        if key in flat and get_key(cfg, key) > high:
+            fail(key, f"is {get_key(cfg, key)}; at most {high} is allowed (more does not fit in memory or is a typo)")
+    for key in ("train.step_size", "train.gamma", "loss.scale", "test.asnorm_top_n", "test.calibration_trials"):
+        if get_key(cfg, key) <= 0:
+            fail(key, f"must be positive, got {get_key(cfg, key)!r}")
+    for key in ("train.seed", "loss.margin", "test.plda_lda_dim", "test.backend_utts_per_speaker", "augment.seed"):
+        if key in flat and get_key(cfg, key) < 0:
+            fail(key, f"must be 0 or more, got {get_key(cfg, key)!r}")
+    if cfg["train"]["gamma"] > 1:
+        fail("train.gamma", f"is {cfg['train']['gamma']}; it multiplies the learning rate every train.step_size "
+                            "epochs, so it must be between 0 and 1 (0.5 halves it)")
+    if not 0 < cfg["test"]["calibration_fraction"] < 1:
+        fail("test.calibration_fraction", f"is a share of the training speakers and must be between 0 and 1 "
+                                          f"(exclusive), got {cfg['test']['calibration_fraction']!r}")
+    if not str(cfg["train"]["n_folder"]).strip():
+        fail("train.n_folder", "is empty; name the run folder, e.g. '001'")
+
+
+# The path-valued keys (``features.cache_dir`` may be empty: no disk cache). ``load_config`` refuses a
+# Windows drive or UNC path in any of them on another system, before anything is read or written.
+PATH_KEYS = ("data.root", "data.train_manifest", "test.root", "test.test_manifest", "test.trials",
+             "test.model_path", "features.cache_dir", "train.save_dir")
+
+
+def _validate_paths(cfg: dict) -> None:
+    for dotted in PATH_KEYS:
+        value = get_key(cfg, dotted)
+        if isinstance(value, str) and is_foreign_path(value):
+            raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}': {foreign_path_problem(value)}")
+
+
 def config_path_value(cfg: dict, dotted: str) -> Path:
-    """Resolve a path-valued config key (relative to the project folder)."""
+    """Resolve a path-valued config key (relative to the project folder); a ``ConfigError`` names the
+    key and the file that set it (empty, or a Windows path on another system)."""
     value = get_key(cfg, dotted)
+    if value is None or not str(value).strip():
+        raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}' is empty; set it to a path")
     try:
         return resolve_path(value)
-    except ConfigError:
-        raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}' is empty; set it to a path") from None
+    except ConfigError as e:
+        raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}': {e}") from None
 
 
 def public_config(cfg: dict) -> dict:

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import yaml
 
-from svlab.config import PROJECT_ROOT, flatten
+from svlab.config import DEFAULT_CONFIG, PROJECT_ROOT, flatten
 from svlab.corpora import TEST_NAME, TRAIN_NAME, TRIALS_NAME
-from svlab.errors import PrepareError
-from svlab.files import atomic_write
+from svlab.errors import ConfigError, PrepareError, YamlSyntaxError
+from svlab.files import atomic_write, shown
+from svlab.text import excerpt
+from svlab.yaml_files import load_yaml_text
 
+MAX_CONFIG_BYTES = 1 << 20          # a config file is a few kB; anything this large is something else
 CONFIG_KEYS = ("data.root", "data.train_manifest", "test.root", "test.test_manifest", "test.trials")
 
 
@@ -170,9 +173,11 @@ def _child_indent(lines: list[str], section: str) -> str | None:
 
 def _verify_edit(old_text: str, new_text: str, values: dict[str, str]) -> None:
     try:
-        old_data, new_data = yaml.safe_load(old_text) or {}, yaml.safe_load(new_text) or {}
-    except yaml.YAMLError as e:
-        raise PrepareError(f"the config is not valid YAML or would not stay valid ({e}); set the keys by hand") from None
+        old_data, new_data = load_yaml_text(old_text, "the config") or {}, load_yaml_text(new_text, "the config") or {}
+    except YamlSyntaxError as e:
+        problem = excerpt(" ".join(str(e).split()), 160)
+        raise PrepareError(f"the config is not valid YAML or would not stay valid ({problem}); "
+                           "set the keys by hand") from None
     if not isinstance(old_data, dict) or not isinstance(new_data, dict):
         raise PrepareError("the config is not a mapping of sections (data:, test:, ...); set the keys by hand")
     old, new = flatten(old_data), flatten(new_data)
@@ -183,19 +188,68 @@ def _verify_edit(old_text: str, new_text: str, values: dict[str, str]) -> None:
                            "set the keys by hand (file left unchanged)")
 
 
+def _config_sections() -> set[str]:
+    try:
+        shipped = load_yaml_text(DEFAULT_CONFIG.read_text(encoding="utf-8-sig"), str(DEFAULT_CONFIG))
+    except (OSError, ConfigError):
+        shipped = None
+    return set(shipped) if isinstance(shipped, dict) else {"data", "test", "features", "model", "loss", "train",
+                                                           "augment"}
+
+
+def _refuse_other_files(path: Path, text: str) -> None:
+    """An existing file that is not a config (a manifest, some other YAML or JSON file) is never edited."""
+    try:
+        data = load_yaml_text(text, shown(path))  # within svlab.yaml_files' limits (aliases, size)
+    except YamlSyntaxError:
+        return                      # edit_config_text says what is wrong with it
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise PrepareError(f"--write_config {shown(path)} is not a config file (not a mapping of sections "
+                           "data:, test:, ...); name a config file, or a new file to create")
+    other = sorted(str(k) for k in data if k not in _config_sections())
+    if other:
+        raise PrepareError(f"--write_config {shown(path)} is not a config file (it holds "
+                           f"{', '.join(shown(k) for k in other[:5])}{' ...' if len(other) > 5 else ''}, which "
+                           "are not config sections); name a config file, or a new file to create")
+
+
+def _existing_config(path: str | os.PathLike) -> tuple[Path, str | None, bool]:
+    """``(file to edit, its text or None when new, byte-order mark)``; a symbolic link is followed."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    if not path.exists():
+        return path, None, False
+    if not path.is_file():
+        raise PrepareError(f"--write_config {shown(path)} is not a file; name a config file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise PrepareError(f"--write_config {shown(path)} is not a config file ({path.stat().st_size} bytes); "
+                           "name a config file, or a new file to create")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PrepareError(f"{shown(path)} is not UTF-8 text; set the keys by hand") from None
+    _refuse_other_files(path, text)
+    return path, text, raw.startswith(b"\xef\xbb\xbf")
+
+
+def check_config_target(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a ``--write_config`` file that ``write_config`` would refuse."""
+    _path, text, _bom = _existing_config(path)
+    if text is not None:
+        edit_config_text(text, {key: "placeholder" for key in CONFIG_KEYS})
+
+
 def write_config(path: str | os.PathLike, values: dict[str, str]) -> Path:
     """Set ``values`` (dotted keys) in the YAML config at ``path``, keeping comments; atomic.
 
-    A missing file is created as a small user config (``python train.py --config PATH``).
+    A missing file is created as a small user config (``python train.py --config PATH``). A symbolic
+    link is followed (the file it names is edited, the link stays); an existing file that is not a
+    config (its top-level keys are not config sections) is refused.
     """
-    path = Path(path)
-    if path.exists():
-        raw = path.read_bytes()
-        bom = raw.startswith(b"\xef\xbb\xbf")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise PrepareError(f"{path} is not UTF-8 text; set the keys by hand") from None
+    path, text, bom = _existing_config(path)
+    if text is not None:
         new_text = edit_config_text(text, values)
         data = (b"\xef\xbb\xbf" if bom else b"") + new_text.encode("utf-8")
     else:

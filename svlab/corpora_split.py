@@ -5,6 +5,10 @@
 (``ENROLL TEST LABEL``, 1 = same speaker): disjoint, seeded speakers (the official AISHELL-1 test
 speakers first), so the same seed gives the same files. ``prepare_eval_only`` writes an evaluation set
 from every speaker of another corpus.
+
+The manifests replace only files this command wrote earlier (recorded by content hash in the output
+folder's ``.svlab-written.json``) or the demo corpus's own manifests; anything else in the way (a
+corpus's own ``trials.txt``, a hand-made list) stops the run before any work, with one line.
 """
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ from pathlib import Path
 import soundfile as sf
 
 from svlab.config import FILES_DIR
-from svlab.corpora import (TEST_NAME, TRAIN_NAME, TRIALS_NAME, collect, detect_layout, extract_pending,
-                           relative_posix)
+from svlab.corpora import (TEST_NAME, TRAIN_NAME, TRIALS_NAME, detect_layout, extract_pending, relative_posix,
+                           resolve_duplicates)
 from svlab.corpora_config import config_values
 from svlab.errors import PrepareError
-from svlab.files import atomic_write
+from svlab.files import WrittenFiles, refuse_file_as_folder, refuse_overwrite, shown
+from svlab.text import printable
 
 # Which official splits test and training speakers are drawn from, in order of preference.
 TEST_PREFERENCE = ("test", "dev", "train", "other")
@@ -27,13 +32,14 @@ TRAIN_PREFERENCE = ("train", "dev", "other", "test")
 ENUMERATE_LIMIT = 5_000_000        # above this many candidate pairs, sample trials without listing them all
 MANY_TRIALS = 1_000_000            # warn (suggest --max_trials) above this many trials
 LISTED = 20                        # speakers named in messages before "... and N more"
+COMMAND = "tools/prepare_data.py"  # who the record of written manifests names
 
 
 # --------------------------------------------------------------------------- choosing speakers and utterances
 def _names(items, limit: int = LISTED) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+    items = [shown(item) for item in items]
+    listed = ", ".join(items[:limit])
+    return listed + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _choose(rng: random.Random, groups: list[list[str]], n: int) -> list[str]:
@@ -190,6 +196,11 @@ def trial_pairs(test_speakers: list[str], max_trials: int | None, rng: random.Ra
 
 
 # --------------------------------------------------------------------------- the whole preparation
+def _printable_log(log):
+    """``log`` with every line through ``svlab.text.printable`` (file names and speakers come from outside)."""
+    return lambda message: log(printable(message))
+
+
 def _hours(root: Path, relpaths: list[str], problems: list[str]) -> float:
     """Total duration in hours; files soundfile cannot read are appended to ``problems``."""
     seconds = 0.0
@@ -202,46 +213,80 @@ def _hours(root: Path, relpaths: list[str], problems: list[str]) -> float:
 
 
 def _write_lines(path: Path, lines) -> None:
-    """``lines`` with ``\\n`` endings on every system (the same seed gives the same bytes)."""
+    """``lines`` with ``\\n`` endings on every system (the same seed gives the same bytes), recorded as
+    this command's output in the folder's ``WrittenFiles``."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for line in lines:
                 f.write(line + "\n")
-    atomic_write(path, write)
+    WrittenFiles(path.parent, COMMAND).write(path, write)
+
+
+def _is_demo_manifest(path: Path) -> bool:
+    """Whether ``path`` holds the demo corpus's manifest of that name (files/ as shipped; any line ends)."""
+    from svlab import demo_corpus
+    lines = demo_corpus.manifests(demo_corpus.DEFAULTS).get(path.name)
+    try:
+        return lines is not None and path.stat().st_size < 64 << 20 and \
+            path.read_text(encoding="utf-8-sig").splitlines() == lines
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_outputs(out: Path, names, inputs=()) -> None:
+    """Refuse (``OutputError``, one line) manifests in ``out`` that would replace an input or a file this
+    command did not write (see the module docstring)."""
+    out = Path(out)
+    refuse_file_as_folder(out)
+    record = WrittenFiles(out, COMMAND)
+    for name in names:
+        refuse_overwrite(out / name, inputs=inputs, ours=lambda p: record.wrote(p) or _is_demo_manifest(p),
+                         flag=None, command=COMMAND, recognised_by="written by it and unchanged since, or the "
+                         "demo's manifest", fix="pass another --out folder, or move that file away first")
 
 
 def prepare(root: str | os.PathLike, out: str | os.PathLike = FILES_DIR, *, seed: int = 0,
             train_speakers: int = 300, utts_per_speaker: int = 10, test_speakers: int = 20,
             test_utts_per_speaker: int = 10, max_trials: int | None = None, extract: bool = False,
-            dry_run: bool = False, log=print) -> dict:
+            dry_run: bool = False, duplicates: str = "stop", inputs=(), log=print) -> dict:
     """Detect the layout under ``root``, choose speakers and utterances, write the three manifests.
 
     ``utts_per_speaker`` / ``test_utts_per_speaker`` 0 means all utterances of each chosen speaker.
+    ``duplicates``: what to do with an utterance found twice (``svlab.corpora.resolve_duplicates``).
+    ``inputs``: other paths the manifests may not replace (``svlab.files.refuse_overwrite``).
     Returns a summary dict (layout, chosen speakers, counts, hours, trial counts, warnings, config keys).
     Raises PrepareError (message for the user) when the corpus cannot give what was asked.
     """
     root, out = Path(root), Path(out)
     warnings: list[str] = []
+    log = _printable_log(log)
 
     def warn(msg: str) -> None:
         warnings.append(msg)
         log(f"warning: {msg}")
 
+    outputs = (TRAIN_NAME, TEST_NAME, TRIALS_NAME)
+    if not dry_run:
+        check_outputs(out, outputs, inputs)         # before any work (and before unpacking anything)
     layout = detect_layout(root)
     extracted: list[Path] = []
+    conflicts: list[str] = []
     if layout.pending_archives:
         names = _names([relative_posix(p, root) for p in layout.pending_archives], 5)
         if extract and not dry_run:
             log(f"unpacking {len(layout.pending_archives)} archive(s) next to themselves: {names}")
             for _ in range(3):      # data_aishell.tgz holds wav/SXXXX.tar.gz: unpack those next
-                extracted += extract_pending(layout, log)
+                extracted += extract_pending(layout, log, conflicts)
                 layout = detect_layout(root)
                 if not layout.pending_archives:
                     break
+            if conflicts:
+                warn(f"{len(conflicts)} archive member(s) not unpacked because a file the unpacking did not "
+                     "create was in the way (listed above); those files were kept as they are")
         elif extract:
             log(f"dry run: would unpack {len(layout.pending_archives)} archive(s): {names}")
         elif not layout.speakers:
-            raise PrepareError(f"found {len(layout.pending_archives)} archive(s) under {root} ({names}) but no "
+            raise PrepareError(f"found {len(layout.pending_archives)} archive(s) under {shown(root)} ({names}) but no "
                                "unpacked audio; add --extract to unpack them (next to the archives, safely)")
         else:
             warn(f"{len(layout.pending_archives)} archive(s) not unpacked and ignored: {names}; "
@@ -251,13 +296,15 @@ def prepare(root: str | os.PathLike, out: str | os.PathLike = FILES_DIR, *, seed
             log("dry run: nothing written (the audio is still in archives)")
             return {"layout": layout.kind, "description": layout.description, "dry_run": True,
                     "pending_archives": layout.pending_archives, "warnings": warnings}
-        raise PrepareError(f"no speakers found under {root}: {len(layout.unassigned)} audio file(s) but none in a "
-                           "speaker folder or with an AISHELL name; see python tools/prepare_data.py --help for the layouts")
+        raise PrepareError(f"no speakers found under {shown(root)}: {len(layout.unassigned)} audio file(s) but none "
+                           "in a speaker folder or with an AISHELL name; see python tools/prepare_data.py --help "
+                           "for the layouts")
+    layout = resolve_duplicates(layout, duplicates, log)
 
     spk_utts = layout.speakers
     splits = layout.splits
     log(f"layout: {layout.kind}: {layout.description}")
-    log(f"found: {len(spk_utts)} speakers, {layout.n_utterances} utterances under {root}"
+    log(f"found: {len(spk_utts)} speakers, {layout.n_utterances} utterances under {shown(root)}"
         + (f" ({_split_counts(spk_utts, splits)} speakers by official split)" if layout.aishell else ""))
     if layout.unassigned:
         warn(f"{len(layout.unassigned)} audio file(s) without a recognisable speaker ignored, "
@@ -286,10 +333,10 @@ def prepare(root: str | os.PathLike, out: str | os.PathLike = FILES_DIR, *, seed
         listed = f" ({_names(sorted(ok_train | ok_test), 5)})" if n_both else ""
         if need_train == need_test:
             what = (f"asked for {train_speakers} training + {test_speakers} test speakers with >= {need_train} "
-                    f"utterances each, but {root} has only {n_both}{listed}")
+                    f"utterances each, but {shown(root)} has only {n_both}{listed}")
         else:
             what = (f"asked for {train_speakers} training speakers with >= {need_train} utterances and "
-                    f"{test_speakers} test speakers with >= {need_test}, but {root} has {len(ok_train)} and "
+                    f"{test_speakers} test speakers with >= {need_test}, but {shown(root)} has {len(ok_train)} and "
                     f"{len(ok_test)} such speakers{listed}")
         flags = _suggest(*choice, train_speakers, need_train, test_speakers, need_test)
         hint = (f"run with e.g. {flags}" if flags else
@@ -339,39 +386,46 @@ def prepare(root: str | os.PathLike, out: str | os.PathLike = FILES_DIR, *, seed
         "trials": n_target + n_non, "target_trials": n_target, "nontarget_trials": n_non,
         "skipped_train": skipped_train, "skipped_test": skipped_test,
         "extracted": extracted, "pending_archives": layout.pending_archives, "unreadable": problems,
+        "extract_conflicts": conflicts, "duplicates_dropped": layout.dropped,
         "warnings": warnings, "config": values, "dry_run": dry_run, "written": [],
     }
     if dry_run:
         log("dry run: nothing written")
         return summary
+    check_outputs(out, outputs, inputs)             # again: the work may have taken long
     _write_lines(out / TRAIN_NAME, (f"{s} {r}" for s, r in train_rows))
     _write_lines(out / TEST_NAME, (f"{s} {r}" for s, r in test_rows))
     _write_lines(out / TRIALS_NAME, (f"{test_rows[i][1]} {test_rows[j][1]} {label}" for i, j, label in pairs))
     summary["written"] = [out / TRAIN_NAME, out / TEST_NAME, out / TRIALS_NAME]
-    log(f"wrote {', '.join(str(p) for p in summary['written'])}")
+    log(f"wrote {', '.join(shown(p) for p in summary['written'])}")
     return summary
 
 
 
 def prepare_eval_only(root: Path, out: Path, seed: int = 0, test_utts_per_speaker: int = 0,
-                      max_trials: int | None = None, log=print) -> dict:
+                      max_trials: int | None = None, duplicates: str = "stop", inputs=(), log=print) -> dict:
     """An evaluation set from every speaker under ``root``: ``test_set.txt`` and ``trials.txt`` only.
 
     For scoring a trained model on another corpus (e.g. the AISHELL sample): all speakers are test
     speakers, ``test_utts_per_speaker`` (0 = all) of their utterances in name order, all pairs (or a
-    balanced sample of ``max_trials``). Returns ``{"speakers", "utterances", "n_target", "n_nontarget"}``.
+    balanced sample of ``max_trials``). ``duplicates``, ``inputs``: as for ``prepare``. Returns
+    ``{"speakers", "utterances", "n_target", "n_nontarget"}``.
     """
-    speakers = collect(root)
+    log = _printable_log(log)
+    root, out = Path(root), Path(out)
+    check_outputs(out, (TEST_NAME, TRIALS_NAME), inputs)
+    speakers = resolve_duplicates(detect_layout(root), duplicates, log).speakers
     rows = [(spk, rel) for spk in sorted(speakers)
             for rel in sorted(speakers[spk])[: test_utts_per_speaker or None]]
     if len({spk for spk, _ in rows}) < 2:
-        raise PrepareError(f"{root}: an evaluation set needs at least 2 speakers, found {len(speakers)}")
+        raise PrepareError(f"{shown(root)}: an evaluation set needs at least 2 speakers, found {len(speakers)}")
     pairs, n_t, n_n = trial_pairs([spk for spk, _ in rows], max_trials, random.Random(seed))
     out.mkdir(parents=True, exist_ok=True)
+    check_outputs(out, (TEST_NAME, TRIALS_NAME), inputs)
     _write_lines(out / TEST_NAME, (f"{spk} {rel}" for spk, rel in rows))
     _write_lines(out / TRIALS_NAME, (f"{rows[i][1]} {rows[j][1]} {lab}" for i, j, lab in pairs))
     log(f"evaluation set: {len(speakers)} speakers, {len(rows)} utterances, {n_t} target / {n_n} non-target "
-        f"trials in {out}; score it with: python EER.py --set test.root={root} "
-        f"--set test.test_manifest={out / TEST_NAME} --set test.trials={out / TRIALS_NAME} ...")
+        f"trials in {shown(out)}; score it with: python EER.py --set test.root={shown(root)} "
+        f"--set test.test_manifest={shown(out / TEST_NAME)} --set test.trials={shown(out / TRIALS_NAME)} ...")
     return {"speakers": sorted(speakers), "utterances": len(rows), "n_target": n_t, "n_nontarget": n_n}
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from scipy import signal
 from svlab.config import PROJECT_ROOT, resolve_path
 from svlab.corpora import TEST_NAME, TRAIN_NAME, TRIALS_NAME
 from svlab.files import atomic_write
+from svlab.process_pool import run_jobs
 
 SR = 16000
 DEMO_ROOT = PROJECT_ROOT / "data" / "demo_corpus"
@@ -206,22 +205,22 @@ def _params_hash(params: dict) -> str:
     return hashlib.sha1(json.dumps({**params, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is the main process's to handle (it stops the pool at once)."""
+    import signal as process_signals  # (``signal`` here is scipy's)
+    process_signals.signal(process_signals.SIGINT, process_signals.SIG_IGN)
+
+
 def generate(root: Path, params: dict | None = None, files_dir: Path | None = None,
              workers: int | None = None, log=print) -> None:
     """Write the corpus under ``root`` (and its manifests into ``files_dir`` when given)."""
-    from tqdm import tqdm
     params = {**DEFAULTS, **(params or {})}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(str(root), rel, s, u, params) for _, rel, s, u in _plan(params)]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            list(tqdm(pool.map(_generate_one, jobs, chunksize=8), total=len(jobs), desc="demo corpus",
-                      unit="utt", leave=False, file=sys.stderr))
-    else:
-        for job in tqdm(jobs, desc="demo corpus", unit="utt", leave=False, file=sys.stderr):
-            _generate_one(job)
+    # the workers keep their BLAS threads (the corpus must stay byte-identical) and stop at once on Ctrl-C
+    run_jobs(_generate_one, jobs, workers or min(os.cpu_count() or 1, 8), "demo corpus",
+             initializer=_ignore_sigint, what="demo corpus generation", chunksize=8)
     for name, lines in manifests(params).items():
         for folder in (root,) if files_dir is None else (root, Path(files_dir)):
             _write_text(folder / name, "\n".join(lines) + "\n")

@@ -43,7 +43,8 @@ def checkpoint_features(cfg: dict, state: dict, log=print, cache: bool = True) -
     """Feature settings to embed with: the checkpoint's recorded ones (a model only works with the
     features it was trained on); the disk cache folder comes from ``cfg`` (``cache=False``: none)."""
     feat_cfg = {**cfg["features"], **LEGACY_FEATURE_DEFAULTS, **state["config"]["features"],
-                "cache_dir": cfg["features"]["cache_dir"] if cache else ""}
+                "cache_dir": cfg["features"]["cache_dir"] if cache else "",
+                "max_seconds": cfg["features"].get("max_seconds")}  # a reading limit of this run, not of the model
     if feature_signature(feat_cfg) != feature_signature(cfg["features"]):
         log("note: using the checkpoint's feature settings, which differ from the config's")
     return feat_cfg
@@ -71,12 +72,14 @@ def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_siz
 
 def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch_size: int = 64,
                 device: torch.device | str = "cpu", policy: str = "error", log=print,
-                desc: str = "MFCC") -> tuple[np.ndarray, list[int], list[str]]:
+                desc: str = "MFCC", fix: str | None = None) -> tuple[np.ndarray, list[int], list[str]]:
     """Embed audio files: ``(embeddings of the usable files, their indices in paths, problems)``.
 
-    ``policy="error"`` raises one DataError listing every unusable file; ``"skip"`` leaves them out.
+    ``policy="error"`` raises one DataError listing every unusable file, ending with ``fix`` (default:
+    check the files or pass others, ``svlab.feature_cache.AUDIO_FIX``); ``"skip"`` leaves them out.
     """
-    feats, kept, problems = load_features([Path(p) for p in paths], feat_cfg, policy=policy, log=log, desc=desc)
+    feats, kept, problems = load_features([Path(p) for p in paths], feat_cfg, policy=policy, log=log, desc=desc,
+                                          fix=fix)
     if not feats:
         raise DataError(f"none of the {len(paths)} audio file(s) could be used: {'; '.join(problems[:5])}")
     return embed_features(model, feats, batch_size, device), kept, problems

@@ -50,3 +50,15 @@ class ReportError(LabError, ValueError):
 
 class VerifyError(LabError, ValueError):
     """tools/verify.py cannot decide: wrong recordings on the command line, or no threshold to decide with."""
+
+
+class OutputError(LabError, ValueError):
+    """An output path that would replace an input or a file the command did not write (``svlab.files.refuse_overwrite``)."""
+
+
+class YamlSyntaxError(ConfigError):
+    """Text that is not valid YAML (``svlab.yaml_files``); a ``--set`` value then stays a plain string."""
+
+
+class StepNotFilledIn(LabError, NotImplementedError):
+    """A handout step whose marked region still holds the student version's placeholder (``svlab.lab_steps``)."""

@@ -3,9 +3,15 @@ augmented copies.
 
 ``load_features`` computes the MFCCs of a list of files once (in parallel) and keeps them in
 ``features.cache_dir``, so an epoch never re-reads audio. Unusable files are one problem line each:
-one DataError lists them all (``data.bad_audio: error``) or they are left out and returned
-(``skip``). Failures inside the process pool come back as one-line problems or one DataError,
-never as worker tracebacks.
+one DataError lists them all, ending with the fix the caller names (``TRAINING_AUDIO_FIX``: the
+manifest or ``data.bad_audio: skip``; ``AUDIO_FIX`` for files given on a command line), or they are
+left out and returned (``skip``). Failures inside the process pool (``svlab.process_pool``) come back
+as one-line problems or one DataError, never as worker tracebacks. Feature settings no audio can be
+turned into MFCCs with are refused once, as settings (``check_settings``), before any file is read.
+
+Cache files carry a CRC-32 of every array; a truncated, bit-flipped or otherwise unreadable one is
+named in one log line, deleted and computed again (never a ``zipfile.BadZipFile`` crash), and its
+array headers cannot make the reader allocate more than the file holds.
 
 Augmentation (``augment:`` config section, off by default): ``load_training_features`` adds offline
 augmented copies of the training utterances (``svlab.augment``: noise, reverberation, gain, speed),
@@ -17,65 +23,56 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import sys
-from concurrent.futures import ProcessPoolExecutor
+import math
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from threadpoolctl import threadpool_limits
 
-from svlab import augment
+from svlab import augment, features
 from svlab.audio import conversion_note, one_line, read_audio
-from svlab.config import config_path_value, resolve_path
-from svlab.errors import DataError
-from svlab.features import feature_signature, mfcc
+from svlab.config import config_path_value, feature_problems, resolve_path
+from svlab.errors import ConfigError, DataError
+from svlab.features import FEATURE_KEYS, feature_signature, mfcc
 from svlab.files import atomic_write
 from svlab.manifests import MAX_LISTED_PROBLEMS, Utterance, check_training_data
+from svlab.process_pool import quiet_worker, run_jobs
+from svlab.text import excerpt, printable
 
 
 # --------------------------------------------------------------------------- clean features
-def _ignore_sigint() -> None:
-    """Pool initializer: Ctrl-C is handled by the main process alone (no traceback per worker), and
-    each worker computes with one BLAS/OpenMP thread: N workers x N threads on N cores oversubscribe
-    the CPU, and the pool then runs slower than a single process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threadpool_limits(1)
-    torch.set_num_threads(1)
+# What an unusable file's message ends with: the fix depends on who asked for the file.
+TRAINING_AUDIO_FIX = ("Fix or remove them from the manifest (data.train_manifest), or set data.bad_audio: skip to "
+                      "leave them out of training")
+TEST_AUDIO_FIX = ("Fix them, or remove them from the test manifest (test.test_manifest) and from the trial list "
+                  "(test.trials)")
+AUDIO_FIX = "Check each file (a readable WAV/FLAC recording of speech) or pass another one"
 
 
-def _run_jobs(fn, jobs: list, workers: int | None, desc: str, initializer=_ignore_sigint, initargs=()) -> list:
-    """``[fn(job) for job in jobs]`` with a progress bar; in a process pool (``initializer(*initargs)``
-    in each worker) when ``workers > 1`` (default: up to 8) and there are 64 jobs or more. A dying
-    worker or any other pool failure is one DataError."""
-    from tqdm import tqdm
-    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    if workers > 1 and len(jobs) >= 64:
-        import multiprocessing as mp
-        from concurrent.futures.process import BrokenProcessPool
-        ctx = mp.get_context("fork") if sys.platform != "win32" else None
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs)
-        try:
-            results = list(tqdm(pool.map(fn, jobs, chunksize=16), total=len(jobs),
-                                desc=desc, unit="utt", leave=False, file=sys.stderr))
-        except BrokenProcessPool as e:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise DataError(f"a feature-extraction worker process died ({one_line(e, 160)}) while reading "
-                            f"{len(jobs)} audio files; usually out of memory or a crash inside an audio "
-                            "library. Free memory and run again") from None
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        except Exception as e:  # anything else the pool passes back, as one line
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise DataError(f"feature extraction failed ({type(e).__name__}: {one_line(e, 200)})") from None
-        pool.shutdown(wait=True)
-    else:
-        results = [fn(j) for j in tqdm(jobs, desc=desc, unit="utt", leave=False, file=sys.stderr)]
-    return results
+def check_settings(feat_cfg: dict) -> None:
+    """Refuse, once and naming the settings, feature settings no audio file can be turned into MFCCs
+    with (``svlab.config.feature_problems``, then a trial run on one second of noise), instead of one
+    failure per audio file. Settings from a checkpoint reach here without ``load_config``'s checks."""
+    problems = feature_problems(feat_cfg, strict=False)
+    if problems:
+        raise ConfigError("the feature settings cannot make MFCCs: "
+                          + "; ".join(f"features.{k} {what}" for k, what in problems[:3]))
+    sr = feat_cfg["sample_rate"]
+    probe = 0.1 * np.random.default_rng(0).standard_normal(max(sr, feat_cfg["n_fft"])).astype(np.float32)
+    try:
+        feats = features.mfcc(probe, feat_cfg)  # the front end itself (tests replace the per-file ``mfcc``)
+    except Exception as e:
+        raise ConfigError(f"the feature settings ({_describe_settings(feat_cfg)}) cannot make MFCCs of any audio "
+                          f"({type(e).__name__}: {one_line(e, 160)}); fix the features: section") from None
+    if not np.all(np.isfinite(feats)):
+        raise ConfigError(f"the feature settings ({_describe_settings(feat_cfg)}) give NaN/inf MFCCs for any audio; "
+                          "fix the features: section")
+
+
+def _describe_settings(feat_cfg: dict) -> str:
+    return ", ".join(f"{k}={excerpt(repr(feat_cfg.get(k)), 20)}" for k in FEATURE_KEYS if k != "mean_norm")
 
 
 def _extract_one(args) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
@@ -86,21 +83,24 @@ def _extract_one(args) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
     """
     path, feat_cfg = args
     try:
-        wav, sr, channels = read_audio(path, feat_cfg["sample_rate"], feat_cfg.get("min_seconds", 0.0) or 0.0)
+        wav, sr, channels = read_audio(path, feat_cfg["sample_rate"], feat_cfg.get("min_seconds", 0.0) or 0.0,
+                                       feat_cfg.get("max_seconds"))
         feats = mfcc(wav, feat_cfg)
         if not np.all(np.isfinite(feats)):
-            return None, f"{path}: features are not finite (NaN/inf MFCCs)", (sr, channels)
+            return None, f"{printable(path)}: features are not finite (NaN/inf MFCCs)", (sr, channels)
         return feats, None, (sr, channels)
     except DataError as e:
         return None, one_line(e, 400), (0, 0)
     except Exception as e:  # report any librosa failure as one line, never a worker traceback
-        return None, f"{path}: feature extraction failed ({type(e).__name__}: {one_line(e, 120)})", (0, 0)
+        return None, f"{printable(path)}: feature extraction failed ({type(e).__name__}: {one_line(e, 120)})", (0, 0)
 
 
 def _extract_all(paths: list[Path], feat_cfg: dict, workers: int | None = None, desc: str = "MFCC"):
     """``(features or None per path, problems, (original rate, channels) per path)``."""
+    if paths:
+        check_settings(feat_cfg)
     jobs = [(Path(p), feat_cfg) for p in paths]
-    results = _run_jobs(_extract_one, jobs, workers, desc)
+    results = run_jobs(_extract_one, jobs, workers, desc)
     feats = [r[0] for r in results]
     problems = [r[1] for r in results if r[1] is not None]
     infos = [r[2] for r in results]
@@ -125,6 +125,8 @@ def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
     min_seconds = feat_cfg.get("min_seconds", 0.0) or 0.0
     if min_seconds:  # decides which files are usable, so it is part of the key
         h.update(f"min_seconds={float(min_seconds)!r}\n".encode())
+    if feat_cfg.get("max_seconds") is not None:  # so does this
+        h.update(f"max_seconds={float(feat_cfg['max_seconds'])!r}\n".encode())
     for p in paths:
         try:
             st = p.stat()
@@ -134,14 +136,105 @@ def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
     return cache_dir / f"mfcc_{h.hexdigest()[:20]}.npz"
 
 
+# --------------------------------------------------------------------------- cache files
+class _Damaged(Exception):
+    """A cache file that cannot be used, and why."""
+
+
+def _checksum(arrays: dict) -> np.ndarray:
+    """CRC-32 of each array's name, dtype, shape and bytes, in name order."""
+    out = []
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        crc = zlib.crc32(f"{name}|{a.dtype.str}|{a.shape}".encode())
+        out.append(zlib.crc32(a.reshape(-1).view(np.uint8), crc))
+    return np.asarray(out, dtype=np.int64)
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    """``arrays`` as an .npz file (written atomically) with their checksum."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays, checksum=_checksum(arrays))
+    atomic_write(path, write)
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One array of an .npz, allocating no more than the member holds (a damaged header cannot make
+    it allocate what it claims)."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise _Damaged(f"{info.filename}: unknown array format {version}")
+        if dtype.hasobject:
+            raise _Damaged(f"{info.filename} holds Python objects")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > info.file_size:
+            raise _Damaged(f"{info.filename} claims {nbytes} bytes in a member of {info.file_size}")
+        buf = np.empty(nbytes, dtype=np.uint8)
+        pos = 0
+        while pos < nbytes:
+            chunk = f.read(min(1 << 24, nbytes - pos))
+            if not chunk:
+                raise _Damaged(f"{info.filename} is cut short")
+            buf[pos:pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            pos += len(chunk)
+        if f.read(1):  # reading to the end also makes zipfile check the member's CRC
+            raise _Damaged(f"{info.filename} has bytes after its array")
+    return buf.view(dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _read_cache(path: Path, names: tuple[str, ...], check, log) -> dict | None:
+    """The arrays ``names`` of a cache file, verified (sizes, checksum, then ``check(arrays)``, which
+    raises ``_Damaged``), or None: no such file, or a damaged one, which is then deleted with one line
+    naming it, so that the caller computes and writes it again."""
+    if not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {info.filename: info for info in zf.infolist()}
+            wanted = [f"{n}.npy" for n in names]
+            if "checksum.npy" not in members and all(w in members for w in wanted):
+                raise _Damaged("it has no checksum: written by an older version")
+            if sorted(members) != sorted(wanted + ["checksum.npy"]):
+                raise _Damaged(f"it holds {excerpt(sorted(members), 120)}, not {sorted(wanted + ['checksum.npy'])}")
+            arrays = {n: _read_member(zf, members[f"{n}.npy"]) for n in names}
+            stored = _read_member(zf, members["checksum.npy"])
+        if stored.shape != (len(names),) or not np.array_equal(stored, _checksum(arrays)):
+            raise _Damaged("its checksum does not match its contents")
+        check(arrays)
+        return arrays
+    except Exception as e:  # zipfile.BadZipFile, zlib.error, OSError, ValueError, _Damaged, MemoryError, ...
+        reason = str(e) if isinstance(e, _Damaged) else f"{type(e).__name__}: {one_line(e, 120)}"
+        log(f"note: feature cache {printable(path)} is unusable ({reason}); deleted, computing it again")
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+
+
+def _check_offsets(offsets: np.ndarray, count: int, data: np.ndarray, rows: int | None) -> None:
+    if (data.ndim != 2 or (rows is not None and data.shape[0] != rows) or offsets.ndim != 1
+            or len(offsets) != count + 1 or offsets[0] != 0 or offsets[-1] != data.shape[1]
+            or np.any(np.diff(offsets) < 0)):
+        raise _Damaged("its arrays do not fit together")
+
+
 def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
-                  log=print, desc: str = "MFCC", workers: int | None = None
+                  log=print, desc: str = "MFCC", workers: int | None = None, fix: str | None = None
                   ) -> tuple[list[np.ndarray], list[int], list[str]]:
     """Cached features for ``paths``.
 
     Returns ``(features, kept_indices, problems)``. With ``policy="error"`` any bad file raises one
-    DataError listing them all; with ``"skip"`` bad files are dropped and listed in ``problems``.
-    Files that had to be resampled or averaged to mono are counted in one ``log`` line.
+    DataError listing them all, ending with ``fix`` (what the caller's user can do: e.g.
+    ``TRAINING_AUDIO_FIX``; default ``AUDIO_FIX``); with ``"skip"`` bad files are dropped and listed
+    in ``problems``. Files that had to be resampled or averaged to mono are counted in one ``log`` line.
+    A damaged cache file is reported in one line, deleted and written again.
     """
     paths = [Path(p) for p in paths]
     if policy not in ("error", "skip"):
@@ -150,27 +243,26 @@ def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
     cache_file = None
     if cache_dir_value:
         cache_file = _cache_file(paths, feat_cfg, resolve_path(cache_dir_value))
-        if cache_file.is_file():
-            try:
-                with np.load(cache_file) as z:
-                    data, offsets, kept = z["data"], z["offsets"], z["kept"]
-                    problems = [str(s) for s in z["problems"]]
-                    infos = [tuple(r) for r in z["infos"].tolist()] if "infos" in z.files else []
-                if len(offsets) != len(kept) + 1 or (len(kept) and (kept.max() >= len(paths)
-                                                                    or offsets[-1] != data.shape[1])):
-                    raise ValueError("inconsistent cache")
-                feats = [data[:, offsets[i]:offsets[i + 1]] for i in range(len(kept))]
-                if problems and policy == "error":
-                    _raise_audio_problems(problems)
-                note = conversion_note(infos, feat_cfg["sample_rate"])
-                if note:
-                    log(note)
-                return feats, kept.tolist(), problems
-            except (OSError, KeyError, ValueError, EOFError):
-                log(f"note: ignoring unreadable feature cache {cache_file}")
+
+        def check(z: dict) -> None:
+            _check_offsets(z["offsets"], len(z["kept"]), z["data"], feat_cfg["n_mfcc"])
+            kept = z["kept"]
+            if len(kept) and (kept.min() < 0 or kept.max() >= len(paths)) or len(z["infos"]) not in (0, len(paths)):
+                raise _Damaged("its file indices do not fit the file list")
+        z = _read_cache(cache_file, ("data", "offsets", "kept", "problems", "infos"), check, log)
+        if z is not None:
+            data, offsets, kept = z["data"], z["offsets"], z["kept"]
+            problems = [str(x) for x in z["problems"]]
+            if problems and policy == "error":
+                _raise_audio_problems(problems, fix)
+            note = conversion_note([tuple(r) for r in z["infos"].tolist()], feat_cfg["sample_rate"])
+            if note:
+                log(note)
+            return [data[:, offsets[i]:offsets[i + 1]] for i in range(len(kept))], kept.tolist(), problems
     feats, problems, infos = _extract_all(paths, feat_cfg, workers=workers, desc=desc)
+    _refuse_setting_that_fits_no_file(problems, len(paths), feat_cfg)
     if problems and policy == "error":
-        _raise_audio_problems(problems)
+        _raise_audio_problems(problems, fix)
     note = conversion_note(infos, feat_cfg["sample_rate"])
     if note:
         log(note)
@@ -179,25 +271,29 @@ def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
     if cache_file is not None and feats:
         offsets = np.cumsum([0] + [f.shape[1] for f in feats])
         data = np.concatenate(feats, axis=1)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, data=data, offsets=offsets, kept=np.asarray(kept, dtype=np.int64),
-                         problems=np.asarray(problems, dtype=str),
-                         infos=np.asarray(infos, dtype=np.int64).reshape(-1, 2))
         try:
-            atomic_write(cache_file, write)
+            _write_npz(cache_file, dict(data=data, offsets=offsets, kept=np.asarray(kept, dtype=np.int64),
+                                        problems=np.asarray(problems, dtype=str),
+                                        infos=np.asarray(infos, dtype=np.int64).reshape(-1, 2)))
         except Exception as e:  # a cache that cannot be written only costs time next run
             log(f"note: feature cache not written ({one_line(e, 200)})")
         feats = [data[:, offsets[i]:offsets[i + 1]] for i in range(len(feats))]
     return feats, kept, problems
 
 
-def _raise_audio_problems(problems: list[str]) -> None:
+def _refuse_setting_that_fits_no_file(problems: list[str], n_files: int, feat_cfg: dict) -> None:
+    """When every one of several files is refused for the same length setting, the setting is what to
+    change: one ``ConfigError`` naming it rather than one problem per file."""
+    for key in ("min_seconds", "max_seconds"):
+        if n_files > 1 and len(problems) == n_files and all(f"features.{key}" in p for p in problems):
+            raise ConfigError(f"all {n_files} audio files are refused because of features.{key} "
+                              f"({feat_cfg.get(key)} s), e.g. {problems[0]}; change features.{key}")
+
+
+def _raise_audio_problems(problems: list[str], fix: str | None = None) -> None:
     shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
     more = f" (and {len(problems) - MAX_LISTED_PROBLEMS} more)" if len(problems) > MAX_LISTED_PROBLEMS else ""
-    raise DataError(f"{len(problems)} unusable audio file(s): {shown}{more}. Fix or remove them from the "
-                    "manifest, or set data.bad_audio: skip to leave them out of training")
+    raise DataError(f"{len(problems)} unusable audio file(s): {shown}{more}. {fix or AUDIO_FIX}")
 
 
 # --------------------------------------------------------------------------- augmented copies
@@ -251,7 +347,7 @@ def _set_babble_bank(bank) -> None:
     """Pool initializer: the babble bank for this worker (and Ctrl-C left to the main process)."""
     global _BABBLE_BANK
     _BABBLE_BANK = list(bank)
-    _ignore_sigint()
+    quiet_worker()
 
 
 def _augment_one(args):
@@ -262,7 +358,7 @@ def _augment_one(args):
     index, path, speaker, feat_cfg, aug, factors = args
     try:
         sr = feat_cfg["sample_rate"]
-        wav = read_audio(path, sr)[0]
+        wav = read_audio(path, sr, max_seconds=feat_cfg.get("max_seconds"))[0]
         others = [w for spk, w in _BABBLE_BANK if spk != speaker]
         out = []
         for j, factor in enumerate([1.0] + list(factors)):
@@ -298,7 +394,7 @@ def _babble_bank(paths: list[Path], speakers: list[str], kept: list[int], feat_c
     for c in sorted(int(c) for c in chosen):
         idx = by_speaker[names[c]]
         i = idx[int(rng.integers(0, len(idx)))]
-        wav = read_audio(paths[i], sr)[0]
+        wav = read_audio(paths[i], sr, max_seconds=feat_cfg.get("max_seconds"))[0]
         bank.append((names[c], wav[: int(BABBLE_MAX_SECONDS * sr)].copy()))
     return bank
 
@@ -316,7 +412,7 @@ def _aug_cache_file(paths: list[Path], feat_cfg: dict, aug: dict, kept: list[int
 
 def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dict, aug_cfg: dict | None,
                            policy: str = "error", log=print, desc: str = "MFCC",
-                           workers: int | None = None) -> TrainingFeatures:
+                           workers: int | None = None, fix: str | None = None) -> TrainingFeatures:
     """Clean features (``load_features``, its own cache unchanged) plus the offline augmented copies.
 
     ``speakers[i]``: speaker of ``paths[i]`` (babble noise never mixes in the utterance's own speaker).
@@ -329,7 +425,8 @@ def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dic
     version, the clean features themselves.
     """
     paths = [Path(p) for p in paths]
-    feats, kept, problems = load_features(paths, feat_cfg, policy=policy, log=log, desc=desc, workers=workers)
+    feats, kept, problems = load_features(paths, feat_cfg, policy=policy, log=log, desc=desc, workers=workers,
+                                          fix=fix)
     aug = augment.settings(aug_cfg)
     factors = new_speaker_factors(aug)
     items = [(i, 1.0) for i in kept] + [(i, f) for f in factors for i in kept]
@@ -340,16 +437,15 @@ def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dic
     cache_file = (_aug_cache_file(paths, feat_cfg, aug, kept, speakers, resolve_path(cache_dir_value))
                   if cache_dir_value else None)
     extra = None
-    if cache_file is not None and cache_file.is_file():
-        try:
-            with np.load(cache_file) as z:
-                data, offsets, layout = z["data"], z["offsets"], z["layout"]
-            if (layout.tolist() != [len(kept), aug["copies"], len(factors)]
-                    or len(offsets) != len(kept) * per_utt + 1 or offsets[-1] != data.shape[1]):
-                raise ValueError("inconsistent cache")
+    if cache_file is not None:
+        def check(z: dict) -> None:
+            if z["layout"].tolist() != [len(kept), aug["copies"], len(factors)]:
+                raise _Damaged("its layout does not fit the augmentation settings")
+            _check_offsets(z["offsets"], len(kept) * per_utt, z["data"], feat_cfg["n_mfcc"])
+        z = _read_cache(cache_file, ("data", "offsets", "layout"), check, log)
+        if z is not None:
+            data, offsets = z["data"], z["offsets"]
             extra = [data[:, offsets[j]:offsets[j + 1]] for j in range(len(offsets) - 1)]
-        except (OSError, KeyError, ValueError, EOFError):
-            log(f"note: ignoring unreadable augmented-feature cache {cache_file}")
     if extra is None:
         bank = _babble_bank(paths, speakers, kept, feat_cfg, aug)
         jobs = [(i, paths[i], speakers[i], feat_cfg, aug, factors) for i in kept]
@@ -357,7 +453,7 @@ def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dic
         global _BABBLE_BANK
         saved, _BABBLE_BANK = _BABBLE_BANK, bank  # used directly when the jobs run in this process
         try:
-            results = _run_jobs(_augment_one, jobs, workers, what, initializer=_set_babble_bank, initargs=(bank,))
+            results = run_jobs(_augment_one, jobs, workers, what, initializer=_set_babble_bank, initargs=(bank,))
         finally:
             _BABBLE_BANK = saved
         bad = [r[1] for r in results if r[1] is not None]
@@ -367,13 +463,9 @@ def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dic
         if cache_file is not None and extra:
             offsets = np.cumsum([0] + [f.shape[1] for f in extra])
             data = np.concatenate(extra, axis=1)
-
-            def write(tmp: Path) -> None:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, data=data, offsets=offsets,
-                             layout=np.asarray([len(kept), aug["copies"], len(factors)], dtype=np.int64))
             try:
-                atomic_write(cache_file, write)
+                layout = np.asarray([len(kept), aug["copies"], len(factors)], dtype=np.int64)
+                _write_npz(cache_file, dict(data=data, offsets=offsets, layout=layout))
             except Exception as e:  # only costs time next run
                 log(f"note: augmented-feature cache not written ({one_line(e, 200)})")
             extra = [data[:, offsets[j]:offsets[j + 1]] for j in range(len(extra))]
@@ -420,7 +512,7 @@ def load_training_items(opts: dict, log=print) -> TrainingItems:
     policy = opts["data"]["bad_audio"]
     if augmentation_active(aug):
         tf = load_training_features(paths, [u.speaker for u in utts], opts["features"], aug,
-                                    policy=policy, log=log, desc="train MFCC")
+                                    policy=policy, log=log, desc="train MFCC", fix=TRAINING_AUDIO_FIX)
         utterances = [utts[i] if f == 1.0 else Utterance(speed_speaker(utts[i].speaker, f), utts[i].relpath,
                                                          utts[i].line) for i, f in tf.items]
         items = TrainingItems(utterances, tf.versions, [f for _, f in tf.items], tf.problems,
@@ -430,7 +522,8 @@ def load_training_items(opts: dict, log=print) -> TrainingItems:
                if new_speaker_factors(aug) else "")
             + (", SpecAugment on crops" if aug["spec_augment"] else ""))
     else:
-        feats, kept, skipped = load_features(paths, opts["features"], policy=policy, log=log, desc="train MFCC")
+        feats, kept, skipped = load_features(paths, opts["features"], policy=policy, log=log, desc="train MFCC",
+                                             fix=TRAINING_AUDIO_FIX)
         items = TrainingItems([utts[i] for i in kept], [[f] for f in feats], None, skipped,
                               {u.speaker for u in utts})
         if aug["spec_augment"]:

@@ -9,11 +9,14 @@ fixes the whole file in one go instead of one line per run.
 """
 from __future__ import annotations
 
+import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from svlab.config import config_path_value, key_source, normalize_relpath, resolve_path
+from svlab.config import DEFAULT_CONFIG, config_path_value, key_source, normalize_relpath, resolve_path
 from svlab.errors import DataError
+from svlab.text import printable
 
 #: Problems listed in one message; the rest are counted.
 MAX_LISTED_PROBLEMS = 20
@@ -126,8 +129,56 @@ def check_root(root: Path, utts: list[Utterance], key: str, manifest: Path, sour
                         f"{manifest} are relative to")
     sample = utts[: min(len(utts), 50)]
     if sample and not any((root / u.relpath).is_file() for u in sample):
-        raise DataError(f"none of the first {len(sample)} files of {manifest} exist under {key} = {root}{where} "
-                        f"(e.g. {root / sample[0].relpath}); is '{key}' the right folder?")
+        head = (f"none of the first {len(sample)} files of {printable(manifest)} exist under {key} = "
+                f"{printable(root)}{where} (e.g. {printable(root / sample[0].relpath)})")
+        if _lists_demo_corpus(sample) and _holds_files(root):
+            raise DataError(f"{head}: {printable(manifest)} still lists the demo corpus, not the files in "
+                            f"{printable(root)}. Write manifests for your corpus and point the config at them: "
+                            f"{prepare_command(root, source)}")
+        empty = "" if _holds_files(root) else " (the folder holds no files)"
+        raise DataError(f"{head}{empty}; is '{key}' the right folder?")
+
+
+def _lists_demo_corpus(utts: list[Utterance]) -> bool:
+    """True when every one of ``utts`` is a file of the embedded demo corpus (the shipped manifests)."""
+    from svlab import demo_corpus
+    params = demo_corpus.DEFAULTS
+    lists = demo_corpus.manifests(params)
+    demo = {line.split()[1] for name in (demo_corpus.TRAIN_NAME, demo_corpus.TEST_NAME) for line in lists[name]}
+    return all(u.relpath in demo for u in utts)
+
+
+def _holds_files(root: Path, budget: int = 2000) -> bool:
+    """True when ``root`` holds at least one file (looking at no more than ``budget`` entries)."""
+    stack, seen = [root], 0
+    while stack and seen < budget:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    seen += 1
+                    if entry.is_file():
+                        return True
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    if seen >= budget:
+                        break
+        except OSError:
+            continue
+    return False
+
+
+def prepare_command(root: Path, source: str | None = None) -> str:
+    """The ``tools/prepare_data.py`` command that writes manifests for the corpus in ``root`` and sets
+    the data and test keys in ``source`` (a user config; the shipped ``config.yaml`` otherwise)."""
+    def arg(text: str) -> str:
+        text = printable(text)
+        if os.name == "nt":
+            return f'"{text}"' if any(c in text for c in ' &()^;') else text
+        return shlex.quote(text)
+    target = ""
+    if source and Path(source).suffix in (".yaml", ".yml") and Path(source).resolve() != DEFAULT_CONFIG.resolve():
+        target = " " + arg(source)
+    return f"python tools/prepare_data.py --root {arg(str(root))} --write_config{target}"
 
 
 def check_training_data(opts: dict) -> list[Utterance]:

@@ -13,6 +13,8 @@ import ecapa
 import loss as losses
 import pooling as poolings
 import xvector
+from svlab.errors import CheckpointError, ConfigError
+from svlab.text import excerpt
 
 POOLINGS = {
     "gap": "GlobalAveragePooling",
@@ -27,6 +29,41 @@ LOSSES = {
 
 XVECTOR_STAT_CHANNELS = 1500  # the paper's width of the pooled frame layer (model.stat_channels default)
 ASP_ATTENTION_CHANNELS = 128  # attention bottleneck (ECAPA-TDNN paper)
+# Largest network built: 1 GB of float32 weights (4 GB with gradients and Adam's state). The lab's
+# x-vector has 3.5 million parameters, ECAPA-TDNN with 1024 channels 14.5 million.
+MAX_MODEL_PARAMETERS = 250_000_000
+_MAX_WIDTH = 10_000_000  # any one width beyond this is refused before even the size is computed
+
+
+def parameter_count(model_cfg: dict, n_mfcc: int) -> int:
+    """Parameters of the network ``build_model`` would build, counted on PyTorch's meta device
+    (shapes only: nothing is allocated, and the random number generator is left untouched)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return sum(p.numel() for p in _build(model_cfg, n_mfcc).parameters())
+
+
+def check_model_size(model_cfg: dict, n_mfcc: int) -> None:
+    """``ConfigError`` when the settings describe a network that is not a sane size (widths that are
+    not positive whole numbers, more than ``MAX_MODEL_PARAMETERS`` parameters), before allocating it."""
+    widths = {"features.n_mfcc": n_mfcc, **{f"model.{k}": model_cfg.get(k) for k in
+                                              ("channels", "embedding_size", "stat_channels") if k in model_cfg}}
+    for key, v in widths.items():
+        if not (isinstance(v, int) and not isinstance(v, bool)) or not 0 < v <= _MAX_WIDTH:
+            raise ConfigError(f"{key} is {excerpt(repr(v))}: a network width must be a whole number from 1 to "
+                              f"{_MAX_WIDTH}")
+    try:
+        n = parameter_count(model_cfg, n_mfcc)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise ConfigError(f"the model settings ({describe_widths(widths)}) make no network "
+                          f"({type(e).__name__}: {excerpt(str(e), 120)})") from None
+    if n > MAX_MODEL_PARAMETERS:
+        raise ConfigError(f"the model settings ({describe_widths(widths)}) make a network of {n:,} parameters, "
+                          f"{n * 4 / 2**30:.1f} GiB of weights; at most {MAX_MODEL_PARAMETERS:,} are built: "
+                          "use narrower layers (model.channels, model.stat_channels, model.embedding_size)")
+
+
+def describe_widths(widths: dict) -> str:
+    return ", ".join(f"{k}={excerpt(repr(v), 20)}" for k, v in widths.items())
 
 
 def build_pooling(name: str, channels: int, global_context: bool = True) -> nn.Module:
@@ -46,7 +83,13 @@ def build_pooling(name: str, channels: int, global_context: bool = True) -> nn.M
 
 def build_model(model_cfg: dict, n_mfcc: int) -> nn.Module:
     """Embedding network from the ``model`` config section; maps ``(batch, n_mfcc, frames)`` to
-    ``(batch, embedding_size)``."""
+    ``(batch, embedding_size)``. Settings that describe an absurdly large network are refused
+    (``check_model_size``) before anything is allocated."""
+    check_model_size(model_cfg, n_mfcc)
+    return _build(model_cfg, n_mfcc)
+
+
+def _build(model_cfg: dict, n_mfcc: int) -> nn.Module:
     name = model_cfg["name"]
     if name == "xvector":
         # asp: the same ECAPA-style pooling (channel-dependent, global context) as for ECAPA-TDNN
@@ -78,7 +121,10 @@ def build_loss(loss_cfg: dict, embedding_size: int, num_classes: int) -> nn.Modu
 def model_from_checkpoint(state: dict, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the embedding network recorded in a checkpoint, weights loaded, in eval mode."""
     cfg = state["config"]
-    model = build_model(cfg["model"], cfg["features"]["n_mfcc"])
+    try:
+        model = build_model(cfg["model"], cfg["features"]["n_mfcc"])
+    except ConfigError as e:
+        raise CheckpointError(f"the checkpoint describes a network that is not built: {e}") from None
     model.load_state_dict(state["model_state"])
     return model.to(device).eval()
 

@@ -1,10 +1,13 @@
 """The hand-in report of a training run: ``report.md`` and ``report.html`` in the run folder.
 
 ``write_report(run_dir)`` gathers (``collect``) the training curves (``curves.png``), the per-epoch log
-(``train_log.csv``), a table of every evaluation found (``eval_*/metrics.json`` in the run folder,
-evaluations recorded in ``evaluations.json`` elsewhere, and the MFCC baseline if it was scored), the
-ROC / DET / score histogram pictures of each evaluation and the configuration the run was trained
-with (``config.yaml``), and renders them (``render_markdown``, ``render_html``). Pictures are
+(``train_log.csv``), every evaluation found (``eval_*/metrics.json`` in the run folder, evaluations
+recorded in ``evaluations.json`` elsewhere, and the MFCC baselines), the ROC / DET / score histogram
+pictures of each evaluation and the configuration the run was trained with (``config.yaml``), and
+renders them (``render_markdown``, ``render_html``). Evaluations are compared like with like: one
+table per trial list (the run's own first, from its ``config.yaml``), each with the baseline of that
+trial list, and every row names its trial list. Text from the files is escaped (terminal control
+characters in the markdown, HTML in the page). Pictures are
 referenced by relative path, so keep the report inside the run folder (or copy the folder as a
 whole). ``report.html`` is a single UTF-8 page, readable in any browser.
 
@@ -20,9 +23,15 @@ import os
 import re
 from pathlib import Path
 
-from svlab.errors import ReportError
-from svlab.evaluation import BASELINE_PREFIX, EVAL_INDEX, EVAL_PREFIX, PLOTS as PLOT_FILES, read_evaluation_index
+import yaml
+
+from svlab.guard import one_line, say
+from svlab.config import resolve_path
+from svlab.errors import LabError, ReportError
+from svlab.evaluation import (BASELINE_PREFIX, EVAL_INDEX, EVAL_PREFIX, PLOTS as PLOT_FILES, TrialListRef,
+                              display_path, read_evaluation_index)
 from svlab.files import atomic_write
+from svlab.text import printable
 
 _NUMERIC = re.compile(r"^[-+]?(\d[\d.e+-]*%?|inf|\d+ / \d+)$")
 PLOTS = (("roc", "ROC"), ("det", "DET"), ("hist", "Score histogram"))
@@ -60,7 +69,8 @@ def find_evaluations(run_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def find_baselines(run_dir: Path) -> list[tuple[Path, dict]]:
-    """MFCC-baseline evaluations next to the run folder (``<save_dir>/baseline*/metrics.json``)."""
+    """MFCC-baseline evaluations next to the run folder (``<save_dir>/baseline*/metrics.json``), of
+    every trial list (``by_trial_list`` sorts them out)."""
     out = []
     for p in sorted(Path(run_dir).parent.glob(f"{BASELINE_PREFIX}*/metrics.json")):
         m = _read_json(p)
@@ -105,6 +115,9 @@ def _num(v, digits: int = 4) -> str:
     return "inf" if v == float("inf") else f"{v:.{digits}f}"
 
 
+OWN = " (the run's own)"
+COMPARE_NOTE = ("Each table holds the evaluations and the MFCC baseline of one trial list: error rates are "
+                "comparable only on the same trials.")
 EVAL_COLUMNS = ("evaluation", "epoch", "system", "EER", "EER threshold", "minDCF(0.01)", "minDCF(0.001)",
                 "actDCF(0.01)", "Cllr", "target / non-target trials", "trial list")
 
@@ -113,8 +126,42 @@ def _eval_row(run_dir: Path, path: Path, m: dict) -> list[str]:
     return [_relpath(path.parent, run_dir), "" if m.get("epoch") is None else str(m["epoch"]),
             str(m.get("backend", "cosine")), _pct(m.get("eer")), _num(m.get("threshold"), 5),
             _num(m.get("min_dcf_0.01")), _num(m.get("min_dcf_0.001")), _num(m.get("actual_dcf_0.01")),
-            _num(m.get("cllr")), f"{m.get('n_target', '')} / {m.get('n_nontarget', '')}",
-            Path(str(m.get("trials", ""))).name]
+            _num(m.get("cllr")), f"{m.get('n_target', '')} / {m.get('n_nontarget', '')}", _trials_name(m)]
+
+
+def _trials_name(m: dict) -> str:
+    return display_path(m["trials"]) if m.get("trials") else "(not recorded)"
+
+
+def run_trial_list(run_dir: Path) -> TrialListRef | None:
+    """The run's own test trial list, from the ``config.yaml`` it was trained with (None if unknown)."""
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+        return TrialListRef(resolve_path(cfg["test"]["trials"]))
+    except (OSError, ValueError, yaml.YAMLError, LabError, KeyError, TypeError):
+        return None
+
+
+def by_trial_list(evals: list, baselines: list, own: TrialListRef | None) -> list[dict]:
+    """One comparison table per trial list: ``{"trials", "own", "evaluations", "baselines"}``, the run's
+    own trial list first; a trial list is identified by its content (``trials_id``), else by its path.
+    Baselines of a trial list this run was not evaluated on are left out (nothing to compare them with)."""
+    groups: dict[str, dict] = {}
+    by_path: dict[str, str] = {}
+    tagged = [("evaluations", pm) for pm in evals] + [("baselines", pm) for pm in baselines]
+    tagged.sort(key=lambda t: not t[1][1].get("trials_id"))  # content ids first: older files join by path
+    for kind, (p, m) in tagged:
+        path = os.path.normcase(str(m.get("trials", "")))
+        key = m.get("trials_id") or by_path.get(path) or f"path:{path}"
+        by_path.setdefault(path, key)
+        g = groups.setdefault(key, {"trials": _trials_name(m), "own": False, "evaluations": [], "baselines": []})
+        g[kind].append((p, m))
+        g["own"] = g["own"] or (own is not None and own.matches(m))
+    tables = [g for g in groups.values() if g["evaluations"] or g["own"]]
+    for g in tables:
+        g["evaluations"].sort(key=lambda pm: (pm[1].get("epoch") if pm[1].get("epoch") is not None else -1,
+                                              str(pm[0])))
+    return sorted(tables, key=lambda g: not g["own"])
 
 
 def _relpath(path: Path, start: Path) -> str:
@@ -124,8 +171,9 @@ def _relpath(path: Path, start: Path) -> str:
         return Path(path).resolve().as_uri()
 
 
-def collect(run_dir: Path) -> dict:
-    """Everything the report shows, as plain data."""
+def collect(run_dir: Path, trials: Path | None = None) -> dict:
+    """Everything the report shows, as plain data (``trials``: the trial list to put first instead of the
+    run's own, when the user gave one explicitly)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run folder not found: {run_dir} (train first, or pass the right --n_folder)")
@@ -139,11 +187,14 @@ def collect(run_dir: Path) -> dict:
                 if k in plots and (path.parent / plots[k]).is_file()]
         if pics:
             pictures.append((_relpath(path.parent, run_dir), m, pics))
+    own = TrialListRef(trials) if trials is not None else run_trial_list(run_dir)
+    tables = [{"trials": g["trials"], "own": g["own"],
+               "rows": [_eval_row(run_dir, p, m) for p, m in g["evaluations"] + g["baselines"]]}
+              for g in by_trial_list(evals, find_baselines(run_dir), own)]
     return {
         "run_dir": run_dir, "name": run_dir.name, "log_columns": columns, "log_rows": log_rows,
         "curves": "curves.png" if (run_dir / "curves.png").is_file() else None,
-        "evaluations": [_eval_row(run_dir, p, m) for p, m in evals],
-        "baselines": [_eval_row(run_dir, p, m) for p, m in find_baselines(run_dir)],
+        "evaluations": [_eval_row(run_dir, p, m) for p, m in evals], "tables": tables,
         "pictures": pictures, "config": config_text,
         "generated": _dt.datetime.now().isoformat(timespec="seconds"),
     }
@@ -151,15 +202,15 @@ def collect(run_dir: Path) -> dict:
 
 def _md_table(header, rows) -> str:
     def cell(x):
-        return str(x).replace("|", "\\|")
+        return one_line(x).replace("|", "\\|")
     lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def render_markdown(d: dict) -> str:
-    out = [f"# Speaker verification report: run {d['name']}", "",
-           f"Run folder `{d['run_dir']}`, generated {d['generated']}.", "", "## Training", ""]
+    out = [f"# Speaker verification report: run {one_line(d['name'])}", "",
+           f"Run folder `{one_line(d['run_dir'])}`, generated {d['generated']}.", "", "## Training", ""]
     if d["curves"]:
         out += [f"![training curves]({d['curves']})", ""]
     if d["log_rows"]:
@@ -168,18 +219,22 @@ def render_markdown(d: dict) -> str:
     else:
         out += ["No train_log.csv in the run folder.", ""]
     out += ["## Evaluations", ""]
-    if d["evaluations"] or d["baselines"]:
-        out += [_md_table(EVAL_COLUMNS, d["evaluations"] + d["baselines"]), "",
-                "EER and its threshold: where false accepts equal false rejects (accept when score >= threshold). "
-                "minDCF: normalised minimum detection cost at target prior 0.01 / 0.001. actDCF and Cllr: only "
-                "for calibrated back-ends (cost at the Bayes threshold; 0 = perfect LLRs).", ""]
+    for t in d["tables"]:
+        out += [f"### Trial list `{one_line(t['trials'])}`{OWN if t['own'] else ''}", "",
+                _md_table(EVAL_COLUMNS, t["rows"]) if t["rows"] else "No evaluation on it yet.", ""]
+    if d["evaluations"]:
+        out += [f"{COMPARE_NOTE} EER and its threshold: where false accepts equal false rejects (accept when score "
+                ">= threshold). minDCF: normalised minimum detection cost at target prior 0.01 / 0.001. actDCF and "
+                "Cllr: only for calibrated back-ends (cost at the Bayes threshold; 0 = perfect LLRs).", ""]
     else:
         out += ["No evaluation yet: run `python EER.py --cp_num N`.", ""]
     for folder, m, pics in d["pictures"]:
-        out += [f"### {folder}: {m.get('system', '')}", "", f"EER {_pct(m.get('eer'))}, minDCF(0.01) "
-                f"{_num(m.get('min_dcf_0.01'))}, checkpoint `{Path(str(m.get('checkpoint'))).name}`", ""]
-        out += [" ".join(f"![{title}]({src})" for title, src in pics), ""]
-    out += ["## Configuration (config.yaml)", "", "```yaml", d["config"].rstrip("\n") or "(no config.yaml)", "```", ""]
+        out += [f"### {one_line(folder)}: {one_line(m.get('system', ''))}", "",
+                f"EER {_pct(m.get('eer'))} on `{one_line(_trials_name(m))}`, minDCF(0.01) "
+                f"{_num(m.get('min_dcf_0.01'))}, checkpoint `{one_line(Path(str(m.get('checkpoint'))).name)}`", ""]
+        out += [" ".join(f"![{title}]({one_line(src)})" for title, src in pics), ""]
+    out += ["## Configuration (config.yaml)", "", "```yaml", printable(d["config"]).rstrip("\n") or "(no config.yaml)",
+            "```", ""]
     return "\n".join(out)
 
 
@@ -209,8 +264,13 @@ window.addEventListener('load', function () {
 """
 
 
+def _h(text: object) -> str:
+    """Text for the page: terminal control characters shown escaped, then HTML-escaped."""
+    return html.escape(printable(str(text)))
+
+
 def _html_table(header, rows, cls: str = "") -> str:
-    e = html.escape
+    e = _h
     head = "".join(f"<th>{e(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f'<td class="num">{e(str(x))}</td>' if _NUMERIC.match(str(x))
                                      else f"<td>{e(str(x))}</td>" for x in r) + "</tr>" for r in rows)
@@ -219,7 +279,7 @@ def _html_table(header, rows, cls: str = "") -> str:
 
 
 def render_html(d: dict) -> str:
-    e = html.escape
+    e = _h
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>Speaker verification report: run {e(d['name'])}</title>", f"<style>{CSS}</style></head><body>",
@@ -234,16 +294,20 @@ def render_html(d: dict) -> str:
     else:
         parts.append("<p>No train_log.csv in the run folder.</p>")
     parts.append("<h2>Evaluations</h2>")
-    if d["evaluations"] or d["baselines"]:
-        parts.append(_html_table(EVAL_COLUMNS, d["evaluations"] + d["baselines"]))
-        parts.append("<p>EER and its threshold: where false accepts equal false rejects (accept when score &ge; "
-                     "threshold). minDCF: normalised minimum detection cost at target prior 0.01 / 0.001. actDCF "
-                     "and Cllr: only for calibrated back-ends (cost at the Bayes threshold; 0 = perfect LLRs).</p>")
+    for t in d["tables"]:
+        parts.append(f"<h3>Trial list <code>{e(t['trials'])}</code>{OWN if t['own'] else ''}</h3>")
+        parts.append(_html_table(EVAL_COLUMNS, t["rows"]) if t["rows"] else "<p>No evaluation on it yet.</p>")
+    if d["evaluations"]:
+        parts.append(f"<p>{e(COMPARE_NOTE)} EER and its threshold: where false accepts equal false rejects (accept "
+                     "when score &ge; threshold). minDCF: normalised minimum detection cost at target prior 0.01 / "
+                     "0.001. actDCF and Cllr: only for calibrated back-ends (cost at the Bayes threshold; 0 = perfect "
+                     "LLRs).</p>")
     else:
         parts.append("<p>No evaluation yet: run <code>python EER.py --cp_num N</code>.</p>")
     for folder, m, pics in d["pictures"]:
         parts.append(f"<h3>{e(folder)}: {e(str(m.get('system', '')))}</h3>")
-        parts.append(f"<p>EER {e(_pct(m.get('eer')))}, minDCF(0.01) {e(_num(m.get('min_dcf_0.01')))}, checkpoint "
+        parts.append(f"<p>EER {e(_pct(m.get('eer')))} on <code>{e(_trials_name(m))}</code>, minDCF(0.01) "
+                     f"{e(_num(m.get('min_dcf_0.01')))}, checkpoint "
                      f"<code>{e(Path(str(m.get('checkpoint'))).name)}</code></p>")
         figs = "".join(f'<figure><img src="{e(src)}" alt="{e(title)} of {e(folder)}">'
                        f"<figcaption>{e(title)}</figcaption></figure>" for title, src in pics)
@@ -256,10 +320,10 @@ def render_html(d: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(run_dir: Path, log=print) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``run_dir``; returns their paths."""
+def write_report(run_dir: Path, log=say, trials: Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``run_dir``; returns their paths (``trials``: see ``collect``)."""
     run_dir = Path(run_dir)
-    d = collect(run_dir)
+    d = collect(run_dir, trials)
     md, page = run_dir / "report.md", run_dir / "report.html"
     atomic_write(md, lambda tmp: tmp.write_text(render_markdown(d), encoding="utf-8"))
     atomic_write(page, lambda tmp: tmp.write_text(render_html(d), encoding="utf-8"))

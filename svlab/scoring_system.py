@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from svlab import backend as plda_backend
 from svlab import calibration, metrics, scoring
-from svlab.config import CHOICES, load_config, resolve_path
+from svlab.config import CHOICES, is_foreign_path, load_config, resolve_path
 from svlab.demo_corpus import ensure_demo_corpus
 from svlab.errors import BackendError, ConfigError
 from svlab.files import atomic_write
@@ -122,7 +123,8 @@ def training_data_section(cfg: dict, state: dict | None, log=print) -> dict:
     user changed ``data.*`` from the shipped defaults (then the current config's)."""
     shipped = load_config()["data"]
     recorded = (state or {}).get("config", {}).get("data")
-    if recorded is None or cfg["data"] != shipped:
+    if recorded is None or cfg["data"] != shipped \
+            or any(is_foreign_path(recorded.get(k, "")) for k in ("root", "train_manifest")):  # trained on Windows
         return dict(cfg["data"])
     data = {**shipped, **recorded}
     if not resolve_path(data["train_manifest"]).is_file() and resolve_path(cfg["data"]["train_manifest"]).is_file():
@@ -323,34 +325,45 @@ def load_saved_backend(folder: Path, opts: ScoringOptions, fingerprint: str, log
 
 
 def prepare_backend(opts: ScoringOptions, out_dir: Path, fingerprint: str, retrain: bool, train_data_fn,
-                    log=print) -> tuple[FittedBackend, bool]:
+                    log=print, save_dir: Path | None = None) -> tuple[FittedBackend, bool]:
     """Load the evaluation folder's saved back-end or fit (and save) a new one; returns (backend, reused).
 
-    ``train_data_fn() -> (embeddings, speakers)`` is called only when a back-end has to be fitted."""
+    ``train_data_fn() -> (embeddings, speakers)`` is called only when a back-end has to be fitted. The
+    back-end files go to ``save_dir`` (default ``out_dir``; a reused one is copied there), so that a new
+    evaluation can be written apart from the old one and swapped in whole (``svlab.evaluation``)."""
     if not opts.needs_training_data:
         return FittedBackend(), False
+    save_dir = Path(save_dir) if save_dir is not None else Path(out_dir)
+    files = ([BACKEND_FILE] if (opts.backend == "plda" or opts.calibrate) else []) \
+        + ([COHORT_FILE] if (opts.score_norm == "asnorm" or opts.center) else [])
     if not retrain:
         fb = load_saved_backend(out_dir, opts, fingerprint, log)
         if fb is not None:
             log(f"reusing the back-end saved in {out_dir} (--retrain_backend to refit)")
+            if save_dir != Path(out_dir):
+                save_dir.mkdir(parents=True, exist_ok=True)
+                for name in files:
+                    atomic_write(save_dir / name, lambda tmp, src=Path(out_dir) / name: shutil.copyfile(src, tmp))
             return fb, True
     train_emb, train_spk = train_data_fn()
     fb = fit_backend(opts, train_emb, train_spk, log=log)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if opts.backend == "plda" or opts.calibrate:
-        plda_backend.save_backend(out_dir / BACKEND_FILE, fb.plda, fb.calibrator, fingerprint,
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if BACKEND_FILE in files:
+        plda_backend.save_backend(save_dir / BACKEND_FILE, fb.plda, fb.calibrator, fingerprint,
                                   extra={"info": fb.info, "system": opts.label})
-    if opts.score_norm == "asnorm" or opts.center:
-        save_cohort(out_dir / COHORT_FILE, fb, fingerprint)
+    if COHORT_FILE in files:
+        save_cohort(save_dir / COHORT_FILE, fb, fingerprint)
     return fb, False
 
 
 def fit_or_load_backend(opts: ScoringOptions, cfg: dict, state: dict | None, checkpoint: Path | None, feat_cfg: dict,
-                        out_dir: Path, retrain: bool, embed_paths, log=print) -> tuple[FittedBackend, dict]:
+                        out_dir: Path, retrain: bool, embed_paths, log=print,
+                        save_dir: Path | None = None) -> tuple[FittedBackend, dict]:
     """The back-end of an evaluation (empty for plain cosine) and what ``metrics.json`` records about it.
 
     ``embed_paths(paths, bad_audio_policy) -> (embeddings, indices of the usable paths)`` embeds
-    training audio the way the test audio was embedded.
+    training audio the way the test audio was embedded. A back-end saved in ``out_dir`` is reused when it
+    fits; the back-end files are written to ``save_dir`` (default ``out_dir``).
     """
     if not opts.needs_training_data:
         return FittedBackend(), {}
@@ -358,7 +371,8 @@ def fit_or_load_backend(opts: ScoringOptions, cfg: dict, state: dict | None, che
     fingerprint = f"{source_fingerprint(checkpoint, feat_cfg)}+{_sha(backend_settings(opts, data))}"
     fb, reused = prepare_backend(
         opts, out_dir, fingerprint, retrain,
-        lambda: training_embeddings(data, embed_paths, opts.backend_utts_per_speaker, log), log=log)
+        lambda: training_embeddings(data, embed_paths, opts.backend_utts_per_speaker, log), log=log,
+        save_dir=save_dir)
     return fb, {"training_data": {"root": str(data["root"]), "train_manifest": str(data["train_manifest"])},
                 "backend_info": fb.info, "backend_reused": reused,
                 "backend_file": BACKEND_FILE if (opts.backend == "plda" or opts.calibrate) else None,

@@ -7,6 +7,7 @@ divergence checks and ``torch.compile`` with a fallback.
 ``apply_changed_schedule`` ``--resume`` with another ``train.lr`` / schedule: the new one takes effect
 ``warm_up_margin``         ``loss.margin_warmup_epochs``: the margin grows linearly from 0
 ``StopFlag``               SIGINT/SIGTERM become a flag checked between steps (a consistent save)
+``RunLock``                one train.py per run folder: the lock file, naming its holder; stale ones go
 ``check_loss``             stop before a non-finite loss touches the weights, on every process at once
 ``check_weights``          stop before non-finite weights are saved as a good checkpoint
 ``compile_with_fallback``  ``torch.compile`` that trains uncompiled where compiling fails
@@ -14,8 +15,11 @@ divergence checks and ``torch.compile`` with a fallback.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -27,7 +31,8 @@ from svlab import distributed as dd
 from svlab.checkpoint import list_epoch_checkpoints
 from svlab.config import key_source
 from svlab.cpu_runtime import native_bfloat16
-from svlab.errors import ConfigError, TrainingError
+from svlab.errors import ConfigError, FileWriteError, TrainingError
+from svlab.text import excerpt
 
 
 def quiet(*args, **kwargs) -> None:
@@ -145,6 +150,145 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+LOCK = ".train.lock"  # in the run folder, while a train.py uses it (``RunLock``)
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux ``/proc``; None elsewhere): a reused pid differs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime, counted after the command name
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` of this host still runs (and, where known, is the one started at
+    ``started`` rather than a later process given the same pid)."""
+    if os.name == "nt":
+        import ctypes  # os.kill(pid, 0) would send Ctrl-C on Windows
+        kernel = ctypes.windll.kernel32
+        handle = kernel.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.GetLastError() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel.CloseHandle(handle)
+        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    except (OSError, OverflowError):
+        return False
+    now = _process_start(pid)
+    return not (started and now and now != str(started))
+
+
+class RunLock:
+    """``<folder>/.train.lock`` (``LOCK``), created atomically (``O_CREAT | O_EXCL``) with its owner as
+    JSON: pid, host, start time, command. Hand-written rather than ``filelock``: the refusal must name
+    the other process, and a lock whose process is gone (killed, power cut) must not block; an OS lock
+    (``flock``) says neither, and does not work on every network file system. Under torchrun only
+    rank 0 takes it (``svlab.run_folder.RunSession``)."""
+
+    FRESH_SECONDS = 10  # an unreadable lock younger than this is being written by its owner right now
+
+    def __init__(self, folder: Path):
+        self.folder, self.path = Path(folder), Path(folder) / LOCK
+        self.data: bytes | None = None
+
+    def owner(self) -> dict:
+        return {"pid": os.getpid(), "host": _host(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "process_start": _process_start(os.getpid()), "command": " ".join(sys.argv)}
+
+    def acquire(self, log=print) -> None:
+        """Take the lock or raise ``TrainingError`` naming its holder; a stale lock is taken over."""
+        data = json.dumps(self.owner()).encode("utf-8")
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._judge(log)  # raises if the holder runs; removes a stale lock
+                continue
+            except OSError as e:
+                raise FileWriteError(f"could not create the lock {self.path}: {e.strerror or e}") from e
+            try:
+                os.write(fd, data)
+            except OSError as e:
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise FileWriteError(f"could not write the lock {self.path}: {e.strerror or e}") from e
+            os.close(fd)
+            self.data = data
+            return
+        raise TrainingError(f"{self.folder}: another train.py keeps taking {self.path}; is one starting there?")
+
+    def _judge(self, log) -> None:
+        try:
+            seen = self.path.read_bytes()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except OSError as e:
+            raise TrainingError(f"cannot read the lock {self.path} ({e.strerror or e}); if no train.py uses "
+                                f"{self.folder}, delete it") from e
+        try:
+            holder = json.loads(seen.decode("utf-8"))
+            pid, host = int(holder["pid"]), str(holder["host"])
+            if not 0 < pid < 2 ** 31:  # never os.kill(0 or -1, ...): those mean process groups
+                raise ValueError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            if age < self.FRESH_SECONDS:
+                raise TrainingError(f"{self.folder} is being taken by another train.py right now ({self.path}); "
+                                    "wait for it or use another --n_folder") from None
+            log(f"note: {self.path} names no owner (left by a process killed while taking it); taking it over")
+            self._break(seen)
+            return
+        who = (f"pid {pid} on {excerpt(host, 60)}, started {excerpt(holder.get('started', '?'), 40)}: "
+               f"{excerpt(holder.get('command', '?'), 160)}")
+        if host != _host():
+            raise TrainingError(f"{self.folder} is in use by another train.py ({who}); that is another host, so "
+                                f"this one cannot tell whether it still runs: if it has ended, delete {self.path}")
+        if pid_alive(pid, holder.get("process_start")):
+            raise TrainingError(f"{self.folder} is in use by another train.py ({who}); wait for it to finish or "
+                                f"train into another --n_folder (if pid {pid} is no train.py, delete {self.path})")
+        log(f"note: {self.path} was left by {who}, which no longer runs; taking it over")
+        self._break(seen)
+
+    def _break(self, seen: bytes) -> None:
+        """Remove a stale lock, unless another process replaced it meanwhile (then it is put back)."""
+        grave = self.path.with_name(f"{LOCK}.{os.getpid()}.stale")
+        try:
+            os.replace(self.path, grave)
+        except FileNotFoundError:
+            return
+        try:
+            if grave.read_bytes() != seen:  # a live lock taken after we looked: not ours to remove
+                os.link(grave, self.path)
+        except OSError:
+            pass
+        finally:
+            grave.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the lock if it is still this process's own."""
+        if self.data is None:
+            return
+        try:
+            if self.path.read_bytes() == self.data:
+                self.path.unlink()
+        except OSError:
+            pass
+        self.data = None
 
 
 def diverged_message(what: str, epoch: int, step: int, folder: Path) -> str:

@@ -29,7 +29,8 @@ from svlab.report import write_report
 torch.set_num_threads(1)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-LAB_LINE = re.compile(r"^Epoch=(\d+|-) EER= \d+\.\d\d Thres= -?\d+\.\d{5}$")
+# the lab's prefix exactly as the handout shows it, then the trial list the EER is of (issue 18)
+LAB_LINE = re.compile(r"^Epoch=(\d+|-) EER= \d+\.\d\d Thres= -?\d+\.\d{5} \(trials: \S.*\)$")
 
 
 def _silent(*args, **kwargs) -> None:

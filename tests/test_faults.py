@@ -206,7 +206,8 @@ def test_sigterm_saves_resumable_checkpoint_then_resume_completes(trained, tmp_p
             proc.kill()
     assert proc.returncode == 130, (out, err)
     assert "SIGTERM received" in err and "Traceback" not in err
-    assert "continue with: python train.py --resume" in out
+    # the exact command from this folder (tmp_path): the project's train.py, this run's --config
+    assert f"continue with: python {PROJECT / 'train.py'} --resume --config sig.yaml" in out
     inter = checkpoint.load_checkpoint(folder / INTERRUPTED)
     assert inter["step_in_epoch"] >= 1 and "optimizer_state" in inter
     stopped_in = inter["epoch"] + 1

@@ -259,7 +259,7 @@ def test_bad_audio_policy_error_lists_all_skip_leaves_out(tmp_path):
     paths = [good["plain"], *bad.values(), good["sr8000"]]
     feat_cfg = _feat_cfg(tmp_path)
     with pytest.raises(DataError) as err:
-        feature_cache.load_features(paths, feat_cfg, policy="error", log=quiet)
+        feature_cache.load_features(paths, feat_cfg, policy="error", log=quiet, fix=feature_cache.TRAINING_AUDIO_FIX)
     msg = str(err.value)
     assert msg.startswith(f"{len(bad)} unusable audio file(s)") and "data.bad_audio: skip" in msg
     for path in bad.values():

@@ -185,7 +185,9 @@ def test_archives_with_extract(tmp_path):
     assert (root / "data_aishell/wav/S0002.tar.gz").is_file()               # archives are kept
     train, test = check_outputs(root, out)
     assert sorted(test) == ["S0764", "S0765"] and sorted(train) == ["S0002", "S0003", "S0004"]
-    assert not [p for p in (root / "data_aishell" / "wav").iterdir() if p.name.startswith(".")]   # no temp left
+    hidden = [p.name for p in (root / "data_aishell" / "wav").iterdir() if p.name.startswith(".")]
+    assert hidden == [corpora.EXTRACTED_RECORD]                              # the record, no temp left
+    assert len(list((root / "data_aishell" / "wav" / corpora.EXTRACTED_RECORD).iterdir())) == 5
     again = run(root, tmp_path / "out2", extract=True, train_speakers=3, test_speakers=2, utts_per_speaker=2,
                 test_utts_per_speaker=3)
     assert again["extracted"] == []                                         # nothing left to unpack

@@ -200,7 +200,7 @@ from svlab import config as config_mod  # noqa: E402
 from svlab import cpu_runtime  # noqa: E402
 from svlab import demo_corpus  # noqa: E402
 from svlab.errors import LabError  # noqa: E402
-from svlab.files import atomic_write  # noqa: E402
+from svlab.files import atomic_write, json_with_keys, refuse_overwrite  # noqa: E402
 
 REQUIRED_KEYS = ("train_crops_per_s", "reference_crops_per_s", "train_vs_reference", "step_flops",
                  "step_flops_per_s", "matmul_peak_flops_per_s", "flops_vs_peak", "mfcc_x_realtime",
@@ -469,8 +469,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# What every earlier --json of this command holds: the only existing file --json may replace.
+JSON_KEYS = ("torch_version", "loadavg_start", "timestamp", "device")
+
+
+def check_json_out(path: Path) -> None:
+    """--json may replace only an earlier benchmark result (``svlab.files.refuse_overwrite``)."""
+    refuse_overwrite(path, flag="--json", command="tools/benchmark.py", ours=lambda p: json_with_keys(p, JSON_KEYS),
+                     recognised_by=f"a JSON object with {', '.join(JSON_KEYS)}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json:
+        try:
+            check_json_out(Path(args.json))        # before minutes of measurements
+        except LabError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.runs is not None and args.runs < 1:
         print("error: --runs must be at least 1", file=sys.stderr)
         return 2
@@ -495,6 +511,7 @@ def main(argv=None) -> int:
         if args.json:
             out = Path(args.json)
             text = json.dumps(result, indent=1, allow_nan=False, default=str) + "\n"
+            check_json_out(out)
             atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
             print(f"results written to {out}")
     except LabError as e:

@@ -53,8 +53,9 @@ from svlab.checkpoint import epoch_checkpoint_path, run_folder
 from svlab.config import CHOICES, load_config, resolve_path
 from svlab.errors import ConfigError, LabError
 from svlab.evaluation import evaluation_folder
-from svlab.files import atomic_write
+from svlab.files import atomic_write, json_with_keys, refuse_overwrite
 from svlab.scoring_system import scoring_options
+from svlab.yaml_files import load_yaml_text
 
 
 class CellFailed(RuntimeError):
@@ -67,7 +68,7 @@ def read_table(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"table file not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        spec = load_yaml_text(path.read_text(encoding="utf-8"), str(path)) or {}  # limits: svlab.yaml_files
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
     for key in ("recipe", "variants"):
@@ -238,6 +239,9 @@ def main(argv=None) -> int:
         for name, seed in cells_to_run:  # every cell's config is checked before the first one trains
             commands(spec, name, seed)
         out = Path(args.json) if args.json else resolve_path("results") / f"{Path(args.table).stem}.json"
+        out_check = (resolve_path(args.table, base=Path.cwd()), resolve_path(str(spec["recipe"])),
+                  "--json" if args.json else "the figures file")
+        check_out(out, *out_check)
         cells = _earlier_cells(out, spec)
         for name, seed in cells_to_run:
             print(f"=== {name}, seed {seed} ===", flush=True)
@@ -245,6 +249,7 @@ def main(argv=None) -> int:
             cells = [c for c in cells if (c["variant"], c["seed"]) != (name, seed)] + [cell]
             payload = {"table": str(args.table), "recipe": str(spec["recipe"]), "rows": summarize(spec, cells),
                        "cells": cells}
+            check_out(out, *out_check)
             atomic_write(out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8"))
     except (LabError, CellFailed) as e:  # a failed cell: train.py / EER.py printed why; earlier cells are saved
         print(f"error: {e}", file=sys.stderr)
@@ -252,6 +257,16 @@ def main(argv=None) -> int:
     print(markdown(spec, summarize(spec, cells)))
     print(f"figures: {out}")
     return 0
+
+
+OUTPUT_KEYS = ("table", "recipe", "rows", "cells")    # what every earlier output of this command holds
+
+
+def check_out(out: Path, table: Path, recipe: Path, flag: str = "--json") -> None:
+    """The figures file may replace only an earlier output of this command, never the table or recipe."""
+    refuse_overwrite(out, inputs=[("the table file", table), ("the table's recipe", recipe)], flag=flag,
+                     command="tools/experiments.py", ours=lambda p: json_with_keys(p, OUTPUT_KEYS),
+                     recognised_by=f"a JSON object with {', '.join(OUTPUT_KEYS)}")
 
 
 def _earlier_cells(out: Path, spec: dict) -> list[dict]:

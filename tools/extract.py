@@ -7,6 +7,10 @@
 in) or absolute. Any sample rate and mono or stereo: audio is averaged to mono and resampled to the
 rate the model was trained at. Writes ``emb.npy`` (float32, one row per listed file, in list order)
 and ``emb_index.txt`` (the path of each row, as written in the list).
+
+``--out`` may replace only an earlier output of this command (a float32 ``.npy`` with its
+``_index.txt`` of as many lines); the list, the checkpoint, the config, a listed audio file or any
+other existing file is refused with one line before any work.
 """
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project fold
 
 from svlab.checkpoint import load_checkpoint  # noqa: E402
 from svlab.config import config_path_value, load_config, parse_override, resolve_path  # noqa: E402
-from svlab.embedding import checkpoint_features, cli_path, embed_files, select_device, write_embeddings  # noqa: E402
+from svlab.embedding import (checkpoint_features, cli_path, embed_files, index_path, select_device,  # noqa: E402
+                             write_embeddings)
 from svlab.errors import DataError, LabError  # noqa: E402
+from svlab.files import npy_header, refuse_overwrite, shown  # noqa: E402
 from svlab.models import model_from_checkpoint  # noqa: E402
+from svlab.text import printable  # noqa: E402
 
 
 def read_list(list_path: Path, root: Path | None = None) -> tuple[list[str], list[Path]]:
@@ -29,16 +36,38 @@ def read_list(list_path: Path, root: Path | None = None) -> tuple[list[str], lis
     resolved paths (relative ones against ``root``, default the list's folder)."""
     list_path = Path(list_path)
     if not list_path.is_file():
-        raise DataError(f"audio list not found: {list_path}")
+        raise DataError(f"audio list not found: {shown(list_path)}")
     try:
         lines = list_path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
-        raise DataError(f"{list_path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        raise DataError(f"{shown(list_path)}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     entries = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not entries:
-        raise DataError(f"{list_path}: the list has no audio paths")
+        raise DataError(f"{shown(list_path)}: the list has no audio paths")
     base = Path(root) if root is not None else list_path.resolve().parent
     return entries, [resolve_path(e, base=base) for e in entries]
+
+
+def earlier_output(out: Path) -> bool:
+    """Whether ``out`` and its index file are what this command wrote: a 2-D float32 ``.npy`` and an
+    ``_index.txt`` with one line per row."""
+    head, idx = npy_header(out), index_path(out)
+    if head is None or head[1] != "float32" or len(head[0]) != 2 or not idx.is_file():
+        return False
+    try:
+        with open(idx, "rb") as f:
+            return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b"")) == head[0][0]
+    except OSError:
+        return False
+
+
+def check_out(out: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an ``--out`` (or its index file) that is an input or an existing file not written here."""
+    how = "a float32 .npy with its _index.txt of as many lines"
+    refuse_overwrite(out, inputs=inputs, ours=lambda _: earlier_output(out), command="tools/extract.py",
+                     recognised_by=how)
+    refuse_overwrite(index_path(out), inputs=inputs, ours=lambda _: earlier_output(out),
+                     flag="the index file of --out", command="tools/extract.py", recognised_by=how)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,19 +88,24 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
         ckpt = cli_path(args.checkpoint) if args.checkpoint else config_path_value(cfg, "test.model_path")
+        list_path = resolve_path(args.list, base=Path.cwd())
+        entries, paths = read_list(list_path, resolve_path(args.root, base=Path.cwd()) if args.root else None)
+        out = resolve_path(args.out, base=Path.cwd())
+        inputs = [("the audio list given with --list", list_path), ("the checkpoint", ckpt),
+                  ("the config file", cfg.get("_config_path"))]
+        inputs += [("an audio file of the list", p) for p in paths]
+        check_out(out, inputs)                     # before any work
         state = load_checkpoint(ckpt)
         device = select_device(args.gpu)
-        entries, paths = read_list(resolve_path(args.list, base=Path.cwd()),
-                                   resolve_path(args.root, base=Path.cwd()) if args.root else None)
         feat_cfg = checkpoint_features(cfg, state, cache=False)
         model = model_from_checkpoint(state, device)
         emb, _, _ = embed_files(model, paths, feat_cfg, args.batch_size or cfg["test"]["batch_size"], device)
-        out = resolve_path(args.out, base=Path.cwd())
+        check_out(out, inputs)                     # again: embedding may have taken long
         idx = write_embeddings(out, emb, entries)
     except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
-    print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {out} (rows listed in {idx})")
+    print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {shown(out)} (rows listed in {shown(idx)})")
     return 0
 
 

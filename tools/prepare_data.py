@@ -23,9 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project folder: svlab and the lab's files
 
 from svlab.config import DEFAULT_CONFIG, FILES_DIR, resolve_path  # noqa: E402
-from svlab.corpora_config import CONFIG_KEYS, config_snippet, write_config  # noqa: E402
+from svlab.corpora import DUPLICATE_POLICIES, TEST_NAME, TRAIN_NAME, TRIALS_NAME  # noqa: E402
+from svlab.corpora_config import CONFIG_KEYS, check_config_target, config_snippet, write_config  # noqa: E402
 from svlab.corpora_split import prepare, prepare_eval_only  # noqa: E402
-from svlab.errors import LabError, PrepareError  # noqa: E402
+from svlab.errors import LabError, OutputError, PrepareError  # noqa: E402
+from svlab.files import shown  # noqa: E402
+from svlab.text import printable  # noqa: E402
 
 EPILOG = """examples:
   python tools/prepare_data.py --root /data/aishell --extract        # AISHELL-1 as downloaded (wav/SXXXX.tar.gz)
@@ -37,7 +40,17 @@ EPILOG = """examples:
 Layouts: AISHELL-1 release ([data_aishell/][wav/]{train,dev,test}/SXXXX/*.wav), its archives
 (wav/SXXXX.tar.gz, data_aishell.tgz: need --extract), speaker folders (ALL/SXXXX/*.wav), a flat
 folder of AISHELL-named files (BAC009S0150W0001.wav), any ROOT/<speaker>/**/*.{wav,flac}.
-Exit status 2 with a one-line message when the corpus cannot give what was asked."""
+
+The same utterance twice (a folder holding two copies of a corpus, e.g. data_aishell/ and ALL/: same
+speaker and file name, or same name, size and bytes) would put a recording and its own copy into one
+trial. By default the run stops and names the two folders, so you can pass the one you mean as --root;
+--duplicates keep_first uses one copy of each (the one in the folder with more audio files) and says
+which folder was kept.
+
+Nothing is replaced that this command did not write: the manifests in --out replace only its own
+earlier manifests (recorded in --out/.svlab-written.json, unchanged since) or the demo's; --extract
+never unpacks over a file that unpacking the same archive did not create (those members are listed
+and left out). Exit status 2 with a one-line message when the corpus cannot give what was asked."""
 
 
 def _nonneg(text: str) -> int:
@@ -89,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unpack archives found under --root (AISHELL-1's wav/SXXXX.tar.gz, data_aishell.tgz) "
                          "next to themselves; members that would land outside are refused")
     ap.add_argument("--dry_run", action="store_true", help="show what would be chosen; write and unpack nothing")
+    ap.add_argument("--duplicates", choices=DUPLICATE_POLICIES, default="stop",
+                    help="an utterance found twice under --root (two copies of a corpus): stop and name the "
+                         "folders to choose from (default), or keep_first: use one copy of each")
     ap.add_argument("--eval_only", action="store_true",
                     help="write only test_set.txt and trials.txt, with every speaker under --root as a test "
                          "speaker (to score a trained model on another corpus); uses --test_utts_per_speaker "
@@ -101,35 +117,47 @@ def main(argv=None) -> int:
     try:
         root = Path(os.path.abspath(resolve_path(args.root, base=Path.cwd())))
         out = Path(os.path.abspath(resolve_path(args.out, base=Path.cwd()))) if args.out else FILES_DIR
+        config_target = (Path(os.path.abspath(resolve_path(args.write_config, base=Path.cwd())))
+                         if args.write_config else None)
+        inputs = [("the --write_config file", config_target)] if config_target else []
         if args.eval_only:
             if not args.out:
                 raise PrepareError("--eval_only needs --out (a folder of its own, so files/ keeps its manifests)")
             prepare_eval_only(root, out, seed=args.seed, test_utts_per_speaker=args.test_utts_per_speaker,
-                              max_trials=args.max_trials)
+                              max_trials=args.max_trials, duplicates=args.duplicates, inputs=inputs)
             return 0
+        if config_target and not args.dry_run:     # before any work: the config must be editable
+            _config_is_not_a_manifest(config_target, out)
+            check_config_target(config_target)
         summary = prepare(root, out, seed=args.seed, train_speakers=args.train_speakers,
                           utts_per_speaker=args.utts_per_speaker, test_speakers=args.test_speakers,
                           test_utts_per_speaker=args.test_utts_per_speaker, max_trials=args.max_trials,
-                          extract=args.extract, dry_run=args.dry_run)
+                          extract=args.extract, dry_run=args.dry_run, duplicates=args.duplicates, inputs=inputs)
         if "config" not in summary:
             return 0
         values = summary["config"]
-        config_target = (Path(os.path.abspath(resolve_path(args.write_config, base=Path.cwd())))
-                         if args.write_config else None)
         if out == FILES_DIR and not args.dry_run and config_target != DEFAULT_CONFIG:
-            print(f"note: {FILES_DIR} held the demo corpus's manifests; point config.yaml at the new data (keys "
-                  "below) or restore the demo's manifests with: python tools/demo_corpus.py --files files")
+            print(f"note: {shown(FILES_DIR)} held the demo corpus's manifests; point config.yaml at the new data "
+                  "(keys below) or restore the demo's manifests with: python tools/demo_corpus.py --files files")
         if args.write_config and not args.dry_run:
             write_config(config_target, values)
-            print(f"set {', '.join(CONFIG_KEYS)} in {config_target}")
+            print(f"set {', '.join(CONFIG_KEYS)} in {shown(config_target)}")
         else:
             where = "config.yaml (or a user config for --config)"
             print(f"set these keys in {where}, or run again with --write_config:")
-            print(config_snippet(values))
+            print(printable(config_snippet(values)))
     except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config_is_not_a_manifest(config_target: Path, out: Path) -> None:
+    """--write_config naming one of the manifests this run writes: refused before any work."""
+    for name in (TRAIN_NAME, TEST_NAME, TRIALS_NAME):
+        if os.path.normcase(config_target) == os.path.normcase(out / name):
+            raise OutputError(f"--write_config {shown(config_target)} is one of the manifests written to --out; "
+                              "name the config file (e.g. config.yaml)")
 
 
 if __name__ == "__main__":

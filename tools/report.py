@@ -4,7 +4,8 @@
     python tools/report.py --run_dir path/to/run   # any run folder
     python EER.py --cp_num 30 --report             # evaluate, then write the report
 
-What the report holds: see ``svlab/report.py``.
+What the report holds: see ``svlab/report.py``. Evaluations are compared per trial list, the run's own
+(from its ``config.yaml``) first; ``--set test.trials=...`` puts another one first.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project folder: svlab and the lab's files
 
 from svlab.checkpoint import run_folder  # noqa: E402
-from svlab.config import load_config, parse_override, resolve_path  # noqa: E402
-from svlab.errors import LabError  # noqa: E402
+from svlab.guard import run_command  # noqa: E402
+from svlab.config import config_path_value, explicit_keys, load_config, parse_override, resolve_path  # noqa: E402
 from svlab.report import write_report  # noqa: E402
 
 
@@ -31,19 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.run_dir:
-            run_dir = resolve_path(args.run_dir, base=Path.cwd())
-        else:
-            overrides = dict(parse_override(s) for s in args.set)
-            if args.n_folder is not None:  # (None would also drop a --set train.n_folder=...)
-                overrides["train.n_folder"] = args.n_folder
-            run_dir = run_folder(load_config(args.config, overrides))
-        write_report(run_dir)
-    except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args), lambda: "interrupted; report.md and report.html are unchanged")
+
+
+def run(args: argparse.Namespace) -> None:
+    overrides = dict(parse_override(s) for s in args.set)
+    if args.n_folder is not None:  # (None would also drop a --set train.n_folder=...)
+        overrides["train.n_folder"] = args.n_folder
+    cfg = load_config(args.config, overrides)
+    run_dir = resolve_path(args.run_dir, base=Path.cwd()) if args.run_dir else run_folder(cfg)
+    # the run's own trial list comes first (from its config.yaml), unless one was given explicitly
+    trials = config_path_value(cfg, "test.trials") if "test.trials" in explicit_keys(cfg) else None
+    write_report(run_dir, trials=trials)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project fold
 
 from svlab import cpu_runtime  # noqa: E402
 from svlab.errors import LabError  # noqa: E402
-from svlab.files import atomic_write  # noqa: E402
+from svlab.files import atomic_write, json_with_keys, refuse_overwrite  # noqa: E402
 from pooling import GlobalAveragePooling  # noqa: E402
 from xvector import FRAME_LAYERS, Xvector  # noqa: E402
 
@@ -209,6 +209,17 @@ def time_steps(names: list[str], batch: int, frames: int, n_mfcc: int, n_classes
                    "first_step_seconds": first[name]} for name in names}
 
 
+# What every earlier --json of this command holds: the only existing file --json may replace.
+JSON_KEYS = ("float64_max_relative_error", "formulations", "torch_version")
+
+
+def check_json_out(path: Path) -> None:
+    """--json may replace only an earlier result of this command (``svlab.files.refuse_overwrite``)."""
+    refuse_overwrite(path, flag="--json", command="tools/tdnn_formulations.py",
+                     ours=lambda p: json_with_keys(p, JSON_KEYS),
+                     recognised_by=f"a JSON object with {', '.join(JSON_KEYS)}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Time other formulations of the x-vector training step against "
                                              "the lab's Conv1d TDNN (same function, checked in float64).")
@@ -224,6 +235,12 @@ def main(argv=None) -> int:
                     choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode for the compiled variants (default: PyTorch's)")
     args = ap.parse_args(argv)
+    if args.json:
+        try:
+            check_json_out(Path(args.json))        # before the timings
+        except LabError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     names = ["conv1d", "matmul"] + (["conv1d_compiled", "matmul_compiled"] if args.compile else [])
     cpu_runtime.warm_up_vector_math()  # as train.py does
     cpu_runtime.keep_freed_memory()  # as train.py does by default
@@ -246,6 +263,7 @@ def main(argv=None) -> int:
     if args.json:
         text = json.dumps(result, indent=1) + "\n"
         try:
+            check_json_out(Path(args.json))
             atomic_write(Path(args.json), lambda tmp: tmp.write_text(text, encoding="utf-8"))
         except LabError as e:
             print(f"error: {e}", file=sys.stderr)

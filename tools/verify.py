@@ -4,14 +4,18 @@
     python tools/verify.py a.wav b.wav --checkpoint saved_model/000/checkpoint_030.pth
     python tools/verify.py a.wav b.wav --threshold 0.5                 # your own threshold (cosine score)
     python tools/verify.py --enroll x1.wav x2.wav x3.wav --test z.wav  # enrol with several recordings
+    python tools/verify.py --enroll x.wav --test z1.wav z2.wav         # one decision per test recording
 
-The default threshold is the EER threshold of the last evaluation of the checkpoint (``EER.py``
-records every evaluation in ``<checkpoint folder>/evaluations.json``); the decision uses the same
-scoring system as that evaluation (cosine, PLDA, AS-norm, centering), so score and threshold always
-match. ``--eval DIR`` picks another evaluation folder. If the checkpoint has a calibrated evaluation
+The default threshold is a stable, named one: the EER threshold of the evaluation of this checkpoint
+on the run's own test trial list with the run's own scoring system (``EER.py`` records every
+evaluation in ``<checkpoint folder>/evaluations.json``; ``svlab.evaluation.decision_evaluation``), not
+of whichever evaluation ran last; the line ``threshold:`` says which. The decision uses the scoring
+system of that evaluation (cosine, PLDA, AS-norm, centering), so score and threshold always match.
+``--eval DIR`` picks another evaluation folder. If the checkpoint has a calibrated evaluation
 (``EER.py --calibrate``), the calibrated log-likelihood ratio is printed as well, with the Bayes
 decision it implies. Any sample rate, mono or stereo (averaged to mono, resampled). Several enrolment
-recordings are combined by averaging their (length-normalised, for cosine) embeddings.
+recordings are combined by averaging their (length-normalised, for cosine) embeddings, and the output
+says so; several test recordings each get their own score and decision (never averaged).
 """
 from __future__ import annotations
 
@@ -34,12 +38,15 @@ import torch  # noqa: E402
 
 from svlab import metrics, scoring  # noqa: E402
 from svlab.checkpoint import load_checkpoint  # noqa: E402
+from svlab.guard import run_command, say  # noqa: E402
 from svlab.config import config_path_value, load_config, parse_override, resolve_path  # noqa: E402
 from svlab.embedding import checkpoint_features, cli_path, embed_files, select_device  # noqa: E402
-from svlab.errors import LabError, VerifyError  # noqa: E402
-from svlab.evaluation import EVAL_INDEX, evaluation_folder, evaluations_of, load_system  # noqa: E402
+from svlab.errors import VerifyError  # noqa: E402
+from svlab.evaluation import (EVAL_INDEX, TrialListRef, decision_evaluation, display_path,  # noqa: E402
+                              evaluation_entries, evaluation_folder, load_system, run_trial_list,
+                              with_run_settings)
 from svlab.models import model_from_checkpoint  # noqa: E402
-from svlab.scoring_system import score_trials  # noqa: E402
+from svlab.scoring_system import score_trials, scoring_options  # noqa: E402
 
 P_TARGETS = (0.5, 0.01)
 
@@ -48,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Same speaker or not? Score two recordings with a trained checkpoint.")
     ap.add_argument("files", nargs="*", help="two recordings: ENROLL TEST")
     ap.add_argument("--enroll", nargs="+", default=None, metavar="WAV", help="enrolment recording(s) (averaged)")
-    ap.add_argument("--test", nargs="+", default=None, metavar="WAV", help="test recording(s)")
+    ap.add_argument("--test", nargs="+", default=None, metavar="WAV",
+                    help="test recording(s), each scored and decided on its own")
     ap.add_argument("--checkpoint", default=None, help="checkpoint file (default: test.model_path)")
     ap.add_argument("--threshold", type=float, default=None,
-                    help="accept when score >= THRESHOLD (default: EER threshold of the last evaluation)")
+                    help="accept when score >= THRESHOLD (default: the EER threshold of the checkpoint's evaluation "
+                         "on its run's own trial list)")
     ap.add_argument("--eval", default=None, metavar="DIR",
                     help="evaluation folder (with metrics.json) whose system and threshold to use")
     ap.add_argument("--config", default=None, help="YAML config with the keys to change (default: config.yaml)")
@@ -90,103 +99,149 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
+def _same(a: TrialListRef, b: TrialListRef) -> bool:
+    return a.matches({"trials": str(b.path)}) or (a.id is not None and a.id == b.id)
+
+
+def _decision(checkpoint: Path, cfg: dict, state: dict, threshold: float | None, eval_dir: Path | None):
+    """``(metrics.json, metrics, why)`` of the evaluation whose system (and threshold) decides, or None
+    when the user's ``--threshold`` is applied to the plain cosine score."""
+    if eval_dir is not None:
+        path = Path(eval_dir) / "metrics.json"
+        if not path.is_file():
+            raise VerifyError(f"{path} not found; --eval must be an EER.py output folder")
+        return path, _metrics(path), "chosen with --eval"
+    if threshold is not None:
+        return None
+    own = TrialListRef(config_path_value(cfg, "test.trials"))
+    run_own = run_trial_list(state)
+    what = ("the run's own trial list" if run_own is None or _same(run_own, own)
+            else "the trial list given (test.trials)")
+    found = decision_evaluation(checkpoint, own, scoring_options(cfg), what=what)
+    if found is not None:
+        return found
+    others = sorted({display_path(m.get("trials", "?")) for _, m in evaluation_entries(checkpoint)})
+    where = (f" on {what} {display_path(own.path)} (only on {', '.join(others[:3])}: pick one with --eval DIR)"
+             if others else f" found (looked in {checkpoint.parent / EVAL_INDEX} and {evaluation_folder(checkpoint)})")
+    raise VerifyError(f"no evaluation of {checkpoint}{where}; run 'python EER.py --checkpoint {checkpoint}' first "
+                      "to get its EER threshold, or pass --threshold T")
+
+
 def verify(cfg: dict, checkpoint: Path, enroll: list[Path], test: list[Path], threshold: float | None = None,
-           eval_dir: Path | None = None, device=None, out=print) -> dict:
-    """Score enrolment vs test recordings and decide; returns a dict of everything printed."""
+           eval_dir: Path | None = None, device=None, out=say) -> dict:
+    """Score the enrolment (several recordings: averaged into one) against each test recording and decide
+    for each; returns a dict of everything printed (``tests``: one entry per test recording; with a single
+    test recording its ``score`` / ``accept`` / ``llr`` are also at the top level)."""
     device = device or torch.device("cpu")
     state = load_checkpoint(checkpoint)
+    cfg = with_run_settings(cfg, state, checkpoint, log=lambda *a: None)  # the run's own trial list and system
     feat_cfg = checkpoint_features(cfg, state, log=lambda *a: None, cache=False)
     model = model_from_checkpoint(state, device)
     paths = [Path(p) for p in enroll] + [Path(p) for p in test]
     emb, _, _ = embed_files(model, paths, feat_cfg, cfg["test"]["batch_size"], device, policy="error",
                             log=lambda *a: None, desc="audio")
     e_emb, t_emb = emb[:len(enroll)], emb[len(enroll):]
-    cosine = plain_cosine(e_emb, t_emb)
+    decision = _decision(checkpoint, cfg, state, threshold, eval_dir)
 
-    if eval_dir is not None:
-        candidates = [Path(eval_dir) / "metrics.json"]
-        if not candidates[0].is_file():
-            raise VerifyError(f"{candidates[0]} not found; --eval must be an EER.py output folder")
-    else:
-        candidates = evaluations_of(checkpoint)
-    decision_metrics = candidates[-1] if candidates and (threshold is None or eval_dir is not None) else None
-    if threshold is None and decision_metrics is None:
-        raise VerifyError(
-            f"no evaluation of {checkpoint} found (looked in {checkpoint.parent / EVAL_INDEX} and "
-            f"{evaluation_folder(checkpoint)}); run "
-            f"'python EER.py --checkpoint {checkpoint}' first to get its EER threshold, or pass --threshold T")
-    result = {"checkpoint": str(checkpoint), "cosine": cosine, "enroll": [str(p) for p in enroll],
-              "test": [str(p) for p in test]}
+    result = {"checkpoint": str(checkpoint), "enroll": [str(p) for p in enroll], "test": [str(p) for p in test]}
     out(f"checkpoint: {_rel(checkpoint)} ({state.get('tag', 'model')}, epoch {state['epoch']})")
-    out(f"enrol: {', '.join(_rel(p) for p in enroll)}  |  test: {', '.join(_rel(p) for p in test)}")
-    out(f"cosine score: {cosine:.5f}")
-
-    if decision_metrics is not None:
-        opts, fb, m = load_system(decision_metrics, checkpoint)
-        score = cosine if opts.plain else system_score(opts, fb, e_emb, t_emb)
-        if not opts.plain:
-            out(f"{opts.label} score: {score:.5f}")
+    out(f"enrol: {', '.join(_rel(p) for p in enroll)}"
+        + (f" ({len(enroll)} recordings: their embeddings are averaged into one enrolment)" if len(enroll) > 1 else ""))
+    opts = fb = None
+    if decision is not None:
+        path, m, why = decision
+        opts, fb, m = load_system(path, checkpoint)
         if threshold is None:
             threshold = float(m["threshold"])
-            which = "the last evaluation" if eval_dir is None else "the evaluation"
-            source = (f"EER threshold of {which}, {_rel(decision_metrics)} (EER {m['eer'] * 100:.2f}% "
-                      f"on {Path(m.get('trials', '?')).name}, {opts.label})")
+            source = (f"EER threshold of {_rel(path)}: EER {m['eer'] * 100:.2f}% on "
+                      f"{display_path(m.get('trials', '?'))}, {opts.label}; {why}")
         else:
-            source = f"given with --threshold, applied to the {opts.label} score of {_rel(decision_metrics)}"
-        result.update(system=opts.label, metrics=str(decision_metrics))
+            source = f"given with --threshold, applied to the {opts.label} score of {_rel(path)}"
+        result.update(system=opts.label, metrics=str(path))
     else:
-        score, source = cosine, "given with --threshold (cosine score)"
+        source = "given with --threshold (cosine score)"
         result["system"] = "cosine"
-    accept = score >= threshold
-    result.update(score=score, threshold=threshold, accept=bool(accept))
+    result["threshold"] = threshold
     out(f"threshold: {threshold:.5f} ({source})")
-    out(f"decision: {'ACCEPT (same speaker)' if accept else 'REJECT (different speakers)'}  "
-        f"[score {score:.5f} {'>=' if accept else '<'} threshold {threshold:.5f}]")
-
-    calibrated = [p for p in candidates if _metrics(p).get("calibrated")]
-    if calibrated:
-        opts_c, fb_c, m_c = load_system(calibrated[-1], checkpoint)
-        raw = system_score(opts_c, fb_c, e_emb, t_emb)
-        llr = float(fb_c.calibrator.transform(np.array([raw]))[0])
-        ratio = math.exp(min(max(llr, -700.0), 700.0))
-        out(f"calibrated LLR: {llr:+.3f} ({opts_c.label}, {_rel(calibrated[-1].parent)}): the recordings are "
-            + (f"{ratio:.3g} times more likely if they are the same speaker" if llr >= 0 else
-               f"{1 / ratio:.3g} times more likely if they are different speakers"))
-        decisions = {}
-        for p in P_TARGETS:
-            bt = metrics.bayes_threshold(p)
-            decisions[p] = llr >= bt
-            out(f"  Bayes decision if a same-speaker trial has prior probability {p:g} (equal error costs): "
-                f"accept when LLR >= {bt:.2f} -> {'ACCEPT' if llr >= bt else 'REJECT'}")
-        result.update(llr=llr, bayes_decisions=decisions, calibrated_metrics=str(calibrated[-1]))
+    calibrated = _calibrated(checkpoint, cfg, decision[0] if eval_dir is not None else None)
+    tests = []
+    for i, path in enumerate(test):
+        one = t_emb[i:i + 1]
+        if len(test) > 1:
+            out(f"test {i + 1}/{len(test)}: {_rel(path)}")
+        else:
+            out(f"test: {_rel(path)}")
+        r = {"file": str(path), "cosine": plain_cosine(e_emb, one)}
+        out(f"cosine score: {r['cosine']:.5f}")
+        r["score"] = r["cosine"] if opts is None or opts.plain else system_score(opts, fb, e_emb, one)
+        if opts is not None and not opts.plain:
+            out(f"{opts.label} score: {r['score']:.5f}")
+        r["accept"] = bool(r["score"] >= threshold)
+        out(f"decision: {'ACCEPT (same speaker)' if r['accept'] else 'REJECT (different speakers)'}  "
+            f"[score {r['score']:.5f} {'>=' if r['accept'] else '<'} threshold {threshold:.5f}]")
+        if calibrated is not None:
+            r.update(_llr_lines(calibrated, e_emb, one, out))
+        tests.append(r)
+    result["tests"] = tests
+    if len(tests) == 1:
+        result.update({k: v for k, v in tests[0].items() if k != "file"})
     return result
 
 
+def _calibrated(checkpoint: Path, cfg: dict, chosen: Path | None):
+    """``(metrics.json, options, back-end)`` of the calibrated evaluation to print LLRs with: the one chosen
+    with --eval if calibrated, else the latest calibrated one on the run's own trial list; None without one."""
+    if chosen is not None:
+        candidates = [chosen]
+    else:
+        own = TrialListRef(config_path_value(cfg, "test.trials"))
+        candidates = [p for p, m in evaluation_entries(checkpoint) if own.matches(m)]
+    calibrated = [p for p in candidates if _metrics(p).get("calibrated")]
+    if not calibrated:
+        return None
+    opts_c, fb_c, _ = load_system(calibrated[-1], checkpoint)
+    return calibrated[-1], opts_c, fb_c
+
+
+def _llr_lines(calibrated, e_emb: np.ndarray, t_emb: np.ndarray, out) -> dict:
+    path, opts_c, fb_c = calibrated
+    raw = system_score(opts_c, fb_c, e_emb, t_emb)
+    llr = float(fb_c.calibrator.transform(np.array([raw]))[0])
+    ratio = math.exp(min(max(llr, -700.0), 700.0))
+    out(f"calibrated LLR: {llr:+.3f} ({opts_c.label}, {_rel(path.parent)}): the recordings are "
+        + (f"{ratio:.3g} times more likely if they are the same speaker" if llr >= 0 else
+           f"{1 / ratio:.3g} times more likely if they are different speakers"))
+    decisions = {}
+    for p in P_TARGETS:
+        bt = metrics.bayes_threshold(p)
+        decisions[p] = llr >= bt
+        out(f"  Bayes decision if a same-speaker trial has prior probability {p:g} (equal error costs): "
+            f"accept when LLR >= {bt:.2f} -> {'ACCEPT' if llr >= bt else 'REJECT'}")
+    return {"llr": llr, "bayes_decisions": decisions, "calibrated_metrics": str(path)}
+
+
 def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    try:
-        if args.enroll or args.test:
-            if args.files or not (args.enroll and args.test):
-                raise VerifyError("use either two files (tools/verify.py a.wav b.wav) or --enroll X.wav [...] "
-                                  "--test Z.wav")
-            enroll, test = args.enroll, args.test
-        else:
-            if len(args.files) != 2:
-                raise VerifyError(f"expected two recordings (ENROLL TEST), got {len(args.files)}; "
-                                  "or use --enroll ... --test ...")
-            enroll, test = [args.files[0]], [args.files[1]]
-        cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
-        checkpoint = cli_path(args.checkpoint) if args.checkpoint \
-            else config_path_value(cfg, "test.model_path")
-        verify(cfg, checkpoint, [resolve_path(p, base=Path.cwd()) for p in enroll],
-               [resolve_path(p, base=Path.cwd()) for p in test], threshold=args.threshold,
-               eval_dir=resolve_path(args.eval, base=Path.cwd()) if args.eval else None,
-               device=select_device(args.gpu))
-    except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: run(args))  # error: one line, exit 2; Ctrl-C / SIGTERM: one line, exit 130
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.enroll or args.test:
+        if args.files or not (args.enroll and args.test):
+            raise VerifyError("use either two files (tools/verify.py a.wav b.wav) or --enroll X.wav [...] "
+                              "--test Z.wav [...]")
+        enroll, test = args.enroll, args.test
+    else:
+        if len(args.files) != 2:
+            raise VerifyError(f"expected two recordings (ENROLL TEST), got {len(args.files)}; "
+                              "or use --enroll ... --test ...")
+        enroll, test = [args.files[0]], [args.files[1]]
+    cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
+    checkpoint = cli_path(args.checkpoint) if args.checkpoint else config_path_value(cfg, "test.model_path")
+    return verify(cfg, checkpoint, [resolve_path(p, base=Path.cwd()) for p in enroll],
+                  [resolve_path(p, base=Path.cwd()) for p in test], threshold=args.threshold,
+                  eval_dir=resolve_path(args.eval, base=Path.cwd()) if args.eval else None,
+                  device=select_device(args.gpu))
 
 
 if __name__ == "__main__":

@@ -211,7 +211,8 @@ def test_signal_to_a_running_eer_process(run, tmp_path, sig):
     assert EER.main(["--config", str(run.yaml), "--checkpoint", str(ckpt), "--gpu", "-1"]) == 0
     before = _snapshot(ckpt.parent)
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a background CI job may inherit it ignored
         import EER
         from svlab import evaluation
         def slow(*a, **k):  # after scores.txt and roc.png of the new evaluation
@@ -229,7 +230,7 @@ def test_signal_to_a_running_eer_process(run, tmp_path, sig):
             if line.strip() == "READY":
                 break
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()

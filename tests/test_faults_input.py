@@ -452,13 +452,18 @@ def slow(job):
 """
 
 
+# A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT ignored, and
+# Python then leaves it ignored: the child gets Ctrl-C back, as in a terminal.
+RESTORE_CTRL_C = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def _start(tmp_path: Path, body: str) -> tuple[subprocess.Popen, Path]:
     marks = tmp_path / "marks"
     marks.mkdir()
     (tmp_path / "slowjob.py").write_text(SLOW_JOB.format(marks=str(marks)), encoding="utf-8")
     script = tmp_path / "run.py"
     head = (f"import os, sys, time\nsys.path[:0] = [{str(PROJECT)!r}, {str(tmp_path)!r}]\n"
-            "from slowjob import mark, slow\n")
+            "from slowjob import mark, slow\n" + RESTORE_CTRL_C)
     script.write_text(head + textwrap.dedent(body), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([PY, str(script)], cwd=PROJECT, env=env, stdout=subprocess.PIPE,
@@ -524,7 +529,7 @@ def test_stopping_a_command_during_extraction_stops_its_workers(tmp_path, comman
     proc, marks = _start(tmp_path, _train_body(tmp_path, command))
     proc.send_signal(sig)
     try:
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=180)  # generous: a loaded CI machine; the workers' end is timed below
     finally:
         proc.kill()
     assert not _workers_gone(marks), "worker processes outlived the stopped command"
@@ -537,10 +542,11 @@ def test_stopping_a_command_during_extraction_stops_its_workers(tmp_path, comman
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl")
 @pytest.mark.parametrize("how", ["sigkill", "error", "sighup"])
 def test_workers_stop_on_every_other_exit_path(tmp_path, how):
+    # only the "error" case fails a job; under a signal every job waits, so the signal cannot lose a race
     body = """
         from svlab import process_pool
         def job(i):
-            if i == 0:
+            if i == 0 and FAILS:
                 mark()
                 time.sleep(3.0)
                 raise RuntimeError("job 0 failed")
@@ -550,15 +556,15 @@ def test_workers_stop_on_every_other_exit_path(tmp_path, how):
             process_pool.run_jobs(job, list(range(64)), 2, "test")
         except Exception as e:
             print(f"{type(e).__name__}: {e} after {time.monotonic() - t0:.0f} s", flush=True)
-    """
+    """.replace("FAILS", repr(how == "error"))
     proc, marks = _start(tmp_path, body)
     if how != "error":
         proc.send_signal({"sigkill": signal.SIGKILL, "sighup": signal.SIGHUP}[how])
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=180)
     assert not _workers_gone(marks), "worker processes outlived the main process"
     if how == "error":
         assert proc.returncode == 0 and "DataError: feature extraction failed (RuntimeError: job 0 failed)" in out
-        assert re.search(r"after [0-9] s", out), out   # not after the other jobs' 120 s
+        assert int(re.search(r"after (\d+) s", out).group(1)) < 60, out   # not after the other jobs' 120 s
     elif how == "sighup":
         assert proc.returncode == 128 + signal.SIGHUP and "SIGHUP received" in err
 

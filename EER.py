@@ -1,6 +1,6 @@
 """Lab step 3: evaluate a trained checkpoint on the trial list (3.1 embed and score, 3.2 ROC and EER).
 
-    python EER.py --cp_num 30                 # saved_model/000/checkpoint_030.pth
+    python EER.py --cp_num 30                 # saved_model/000/checkpoint_030.pth; best: lowest validation EER
     python EER.py                             # test.model_path from config.yaml
     python EER.py --baseline                  # no-training baseline: mean+std of raw MFCCs, cosine
     python EER.py --cp_num 30 --score_norm asnorm          # AS-norm with a training-speaker cohort
@@ -26,8 +26,8 @@ from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
 from dataset import SpkTestDataset
-from svlab import evaluation, metrics
-from svlab.checkpoint import epoch_checkpoint_path, load_checkpoint, run_folder
+from svlab import evaluation, metrics, validation
+from svlab.checkpoint import load_checkpoint, run_folder
 from svlab.guard import one_line, run_command, say
 from svlab.config import CHOICES, config_path_value, load_config, parse_override, resolve_path
 from svlab.cpu_runtime import warm_up_vector_math
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Score a trial list with a trained checkpoint: EER, minDCF, "
                                              "ROC/DET/score histogram; optional PLDA, AS-norm, calibration.")
     ap.add_argument("--config", default=None, help="YAML config with the keys to change (default: config.yaml)")
-    ap.add_argument("--cp_num", type=int, default=None,
-                    help="epoch of saved_model/<n_folder>/checkpoint_<NNN>.pth (default: test.model_path)")
+    ap.add_argument("--cp_num", type=validation.epoch_arg, default=None, help="epoch of saved_model/<n_folder>/"
+                    "checkpoint_<NNN>.pth, or best: the lowest validation EER (default: test.model_path)")
     ap.add_argument("--n_folder", default=None, help="run folder under saved_model/ (default: train.n_folder)")
     ap.add_argument("--checkpoint", default=None, help="explicit checkpoint file (overrides --cp_num)")
     ap.add_argument("--out", default=None, help="output folder (default: saved_model/<n_folder>/eval_<NNN>/)")
@@ -193,7 +193,7 @@ def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, de
 
         result = metrics.summary(scores, labels)  # minDCF and trial counts (and a clear error for a one-class list)
         far, frr, eer, threshold = roc(scores, labels)                                 # 3.2
-        result.update(eer=eer, threshold=threshold)
+        result.update(eer=eer, threshold=threshold, **evaluation.bootstrap_intervals(cfg, test, scores, labels))
         result.update(evaluation.describe_run(opts, checkpoint, state, test, len(emb), f"{system}, {opts.label}",
                                               t_embed, t_score))
         result.update(backend_details)
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
     elif args.checkpoint:
         checkpoint = cli_path(args.checkpoint)
     elif args.cp_num is not None:
-        checkpoint = epoch_checkpoint_path(run_folder(cfg), args.cp_num)
+        checkpoint = validation.checkpoint_path(run_folder(cfg), args.cp_num, say)  # an epoch, or "best"
     else:
         checkpoint = config_path_value(cfg, "test.model_path")
     return evaluate(cfg, checkpoint, resolve_path(args.out) if args.out else None, device=select_device(args.gpu),

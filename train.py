@@ -8,7 +8,8 @@
 
 Every epoch writes ``saved_model/<n_folder>/checkpoint_<epoch:03d>.pth`` (atomically, self-describing:
 ``EER.py`` rebuilds the model from it alone), appends to ``train_log.csv`` and redraws
-``curves.png``; the last epoch is also saved under the lab's name
+``curves.png`` (with the EER of speakers held apart, ``validation:`` in ``config.yaml``, and its best
+epoch in ``best.json``: ``EER.py --cp_num best``); the last epoch is also saved under the lab's name
 ``<model>_<pooling>_<loss>_checkpoint.pth``. Ctrl-C or SIGTERM saves ``interrupted.pth`` first, so
 ``--resume`` continues mid-epoch and reproduces the losses of an uninterrupted run.
 
@@ -45,11 +46,13 @@ from svlab.cpu_runtime import keep_freed_memory, warm_up_vector_math
 from svlab.demo_corpus import ensure_demo_corpus
 from svlab.embedding import select_device
 from svlab.errors import ConfigError, DataError, LabError
+from svlab.features import feature_dim
 from svlab.manifests import check_training_data
 from svlab.models import build_loss, build_model, check_model_size, describe
-from svlab.run_folder import EVAL_SECTIONS, RunFolder, RunSession, next_command, prepare
+from svlab.run_folder import EVAL_SECTIONS, RunFolder, RunSession, next_command, prepare, saved_validation
 from svlab.training import (StopFlag, amp_dtype_for, autocast, check_loss, check_weights, compile_with_fallback,
                             lr_lambda, quiet, warm_up_margin)
+from svlab.validation import best_record, prepare as prepare_validation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +111,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     if tcfg["batchsize"] % info.world_size:
         raise ConfigError(f"train.batchsize {tcfg['batchsize']} is the global batch and must be divisible by the "
                           f"{info.world_size} processes")
-    check_model_size(cfg["model"], cfg["features"]["n_mfcc"])  # an absurd network is refused before any work
+    check_model_size(cfg["model"], feature_dim(cfg["features"]))  # an absurd network is refused before any work
     # the folder is locked for this run and refused if reused without --resume/--overwrite; a previous run
     # set aside by --overwrite is put back if this one ends (error, Ctrl-C) before its first checkpoint
     with RunSession(folder, info, resume=resume, overwrite=overwrite, log=log):
@@ -125,11 +128,13 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
             check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
             t0 = time.perf_counter()
             dataset = SpkTrainDataset(cfg, log=log)
-        n_classes = len(dataset.speakers)  # speed-perturbed copies as new speakers count as classes too
         n_manifest_speakers = len({u.speaker for u in dataset.utterances if u.speaker in dataset.manifest_speakers})
         if speaker_size is not None and speaker_size != n_manifest_speakers:
             raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has "
                               f"{n_manifest_speakers} speakers; drop --speaker_size or fix the manifest")
+        # validation: speakers held apart leave the training classes (or a given list); rank 0 scores them
+        validator = prepare_validation(cfg, dataset, saved_validation(folder) if resume else None, info.is_main, log)
+        n_classes = len(dataset.speakers)  # speed-perturbed copies as new speakers count as classes too
         if n_classes < 2:
             raise DataError(f"{cfg['data']['train_manifest']}: training needs at least 2 speakers, found {n_classes}"
                             + (f" after skipping {len(dataset.skipped)} unusable file(s)" if dataset.skipped else ""))
@@ -142,7 +147,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         # ---- model, loss and optimiser (lab step 2.4)
         torch.manual_seed(tcfg["seed"])
         # =====> code <=====
-        model = build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
+        model = build_model(cfg["model"], feature_dim(cfg["features"])).to(device)
         criterion = build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes).to(device)
         optimizer = torch.optim.Adam([*model.parameters(), *criterion.parameters()], lr=tcfg["lr"],
                                      weight_decay=tcfg["weight_decay"])
@@ -152,6 +157,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # float16 only
         # the run folder keeps the modules themselves: wrapped below, they train the same weights
         run = RunFolder(cfg, model, criterion, optimizer, scheduler, scaler, dataset.speakers, log, info.is_main)
+        run.validation = validator.state  # the split, saved in every checkpoint: --resume keeps it
         history, start_epoch, skip_steps, partial = run.resume() if resume else ([], 1, 0, None)
         run.write_config(dataset.skipped, resume)
 
@@ -232,8 +238,10 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
                           "lr": optimizer.param_groups[0]["lr"], "margin": getattr(head, "margin", 0.0),
                           "seconds": round(seconds, 3)}
                 check_weights([run.model, run.criterion], epoch, steps_per_epoch, folder)  # never saved if not finite
+                record.update(validator.evaluate(run.model, device))  # the model itself, not its DDP wrapper
                 history.append(record)
                 log(f"Train Stage: {epoch}/{epochs} ===> Loss {record['loss']:.4f} Acc {record['acc']:.2f}%"
+                    f"{validator.describe(record)}"
                     f"  (lr {record['lr']:.2e}, {seconds:.1f}s)")
                 if info.is_main:
                     run.save_epoch(epoch, history)
@@ -243,6 +251,9 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         log(f"done: {len(history)} epochs in {folder}; final checkpoint {final}")
         last = str(history[-1]["epoch"])
         log(f"next, evaluate it: {next_command('EER.py', cfg, '--cp_num', last, sections=EVAL_SECTIONS)}")
+        if best_record(history):
+            log(f"or its best validation epoch ({best_record(history)['epoch']}): "
+                f"{next_command('EER.py', cfg, '--cp_num', 'best', sections=EVAL_SECTIONS)}")
         return {"run_folder": folder, "final_checkpoint": final, "history": history, "interrupted": False}
 
 

@@ -14,7 +14,7 @@ Configuration, files and errors
 Data (under ``dataset.py``)
 ``manifests``       manifests and trial lists, and the cheap checks of the data folders
 ``audio``           reading audio (any format, rate and channel count) with one-line problems
-``features``        the MFCC front end (librosa) and the feature settings' signature
+``features``        the front ends (MFCC, fbank; librosa), ``feature_dim`` and the settings' signature
 ``feature_cache``   features computed once in parallel and cached on disk, augmented copies
 ``process_pool``    worker processes that stop at once with whatever stops the command
 ``augment``         noise, reverberation, speed and SpecAugment
@@ -26,22 +26,28 @@ Data (under ``dataset.py``)
 Training (under ``train.py``)
 ``models``          build the embedding network and the loss head by name; the one module that
                     imports the model files (``xvector.py``, ``ecapa.py``, ``pooling.py``, ``loss.py``)
+``nets``            the field's networks as model files of the package: ResNet34, CAM++
 ``checkpoint``      self-describing checkpoints, loaded with ``weights_only=True``; run folder names
 ``training``        precision, learning-rate schedule, stop signals, divergence checks, torch.compile
 ``run_folder``      what a training run writes (checkpoints, log, curves) and resumes from
+``validation``      speakers held apart from training, their EER after every epoch, the best epoch
 ``distributed``     DistributedDataParallel (torchrun) helpers
 ``cpu_runtime``     CPU allocator and vector-math settings for fast, reproducible training
 
 Evaluation (under ``EER.py``)
 ``embedding``       embeddings of features and audio files; device choice
 ``metrics``         EER, minDCF, actual DCF, Cllr
+``confidence``      95 % intervals of the EER and minDCF: a bootstrap over the test speakers
 ``scoring``         cosine / PLDA scoring of trial pairs, AS-norm
 ``backend``         PLDA and the back-end files
 ``calibration``     score calibration to log-likelihood ratios
 ``scoring_system``  the scoring options and the back-ends fitted for a checkpoint
 ``evaluation``      evaluation folders, their index, and the files an evaluation writes
-``report``          the run report (markdown and HTML)
-``plots``           training curves, ROC, DET and score histograms
+``report``          the run report: one self-contained printable page, its PDF, markdown
+``report_content``  what the report shows: the printed log lines, print-size figures, a verify example
+``report_text``     the report's words in English and Chinese
+``chromium``        headless Chromium: the report's PDF (and the tests' screenshots)
+``plots``           training curves, ROC, DET and score histograms (for the screen, and for print)
 
 Nothing is imported here eagerly: ``import svlab`` stays cheap, and the model files stay optional
 for modules that do not build a network.

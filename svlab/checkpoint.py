@@ -14,6 +14,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 ``features``          the feature settings the model depends on (``svlab.features.feature_signature``)
 ``tag``               ``<model>_<pooling>_<loss>``
 ``scaler_state``      the float16 gradient scaler, when one was used
+``validation``        the speakers (and utterances) held apart from training, when any (``svlab.validation``)
 ``step_in_epoch``     / ``partial``: in ``interrupted.pth`` only, the steps of the next epoch already
                       done and their loss/accuracy sums
 

@@ -140,6 +140,8 @@ def _coerce(key: str, value, default, source: str):
     elif isinstance(default, str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value) if not isinstance(value, str) else value
+        if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get(key, ())):
+            return "on" if value else "off"  # YAML reads an unquoted on/off as a boolean
     elif isinstance(default, list):
         if isinstance(value, list):
             return value
@@ -237,7 +239,8 @@ XVECTOR_CONTEXT = 14  # frames the x-vector's frame layers consume (xvector.CONT
 # The one list of every named choice; argparse flags, experiment tables and the model factory take theirs
 # from here, and ``validate`` refuses anything else with the key and the file.
 CHOICES = {
-    "model.name": ("xvector", "ecapa"),
+    "model.name": ("xvector", "ecapa", "resnet34", "campplus"),
+    "features.type": ("mfcc", "fbank"),
     "model.pooling": ("gap", "stats", "asp"),
     "loss.type": ("softmax", "amsoftmax", "aamsoftmax"),
     "train.scheduler": ("cosine", "step", "none"),
@@ -245,6 +248,7 @@ CHOICES = {
     "data.bad_audio": ("error", "skip"),
     "test.backend": ("cosine", "plda"),
     "test.score_norm": ("none", "asnorm"),
+    "validation.mode": ("auto", "on", "off"),
 }
 NOISE_TYPES = ("white", "pink", "babble")  # what augment.noise_types may list (svlab/augment.py makes them)
 
@@ -265,13 +269,13 @@ def validate(cfg: dict) -> None:
         if value not in choices:
             raise ConfigError(f"{src(key)}: key '{key}' is {excerpt(repr(value))}; "
                               f"choose one of {', '.join(choices)}")
-    positive = ["features.sample_rate", "features.n_mfcc", "features.n_mels", "train.epochs",
+    positive = ["features.sample_rate", "features.n_mfcc", "features.n_mels", "features.n_fbank", "train.epochs",
                 "train.batchsize", "train.crop_frames", "model.embedding_size", "model.channels",
-                "model.stat_channels", "test.batch_size", "train.lr"]
+                "model.stat_channels", "model.base_channels", "test.batch_size", "train.lr"]
     for key in positive:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"{src(key)}: key '{key}' must be positive, got {get_key(cfg, key)!r}")
-    if cfg["features"]["n_mfcc"] > cfg["features"]["n_mels"]:
+    if cfg["features"]["type"] == "mfcc" and cfg["features"]["n_mfcc"] > cfg["features"]["n_mels"]:
         raise ConfigError(f"{src('features.n_mfcc')}: features.n_mfcc ({cfg['features']['n_mfcc']}) cannot exceed "
                           f"features.n_mels ({cfg['features']['n_mels']}); raise n_mels")
     for key in ("features.min_seconds", "train.warmup_epochs", "loss.margin_warmup_epochs",
@@ -285,6 +289,8 @@ def validate(cfg: dict) -> None:
     if "augment" in cfg:
         _validate_augment(cfg)
     _validate_values(cfg)
+    if "validation" in cfg:
+        _validate_validation(cfg)
     _validate_paths(cfg)
 
 
@@ -327,8 +333,10 @@ LIMITS = {
     "features.win_length_ms": 1_000, "features.hop_length_ms": 1_000, "features.max_seconds": 7_200,
     "train.crop_frames": 30_000, "train.batchsize": 65_536, "test.batch_size": 65_536,
     "model.embedding_size": 8_192, "model.channels": 8_192, "model.stat_channels": 16_384,
-    "augment.copies": 100,
+    "model.base_channels": 1_024, "features.n_fbank": 1_024,
+    "augment.copies": 100, "validation.max_trials": 10_000_000, "test.bootstrap": 100_000,
 }
+MIN_BOOTSTRAP = 100  # test.bootstrap: 0 (off) or at least this many replicates (svlab/confidence.py)
 
 
 def _number(v) -> bool:
@@ -342,7 +350,10 @@ def feature_problems(feat: dict, strict: bool = True) -> list[tuple[str, str]]:
     quietly adjust (a window longer than ``n_fft``, ``fmax`` above the Nyquist frequency): refused in a
     config, accepted from a checkpoint that was trained that way."""
     out: list[tuple[str, str]] = []
-    for k in ("sample_rate", "n_mfcc", "n_mels", "n_fft"):
+    if feat.get("type", "mfcc") not in CHOICES["features.type"]:
+        out.append(("type", f"must be one of {', '.join(CHOICES['features.type'])}, "
+                            f"got {excerpt(repr(feat.get('type')))}"))
+    for k in ("sample_rate", "n_mfcc", "n_mels", "n_fft", *(("n_fbank",) if feat.get("type") == "fbank" else ())):
         v = feat.get(k)
         if not (isinstance(v, int) and not isinstance(v, bool)) or v <= 0:
             out.append((k, f"must be a positive whole number, got {excerpt(repr(v))}"))
@@ -355,7 +366,7 @@ def feature_problems(feat: dict, strict: bool = True) -> list[tuple[str, str]]:
             out.append((k, f"must be {'positive' if k == 'max_seconds' else '0 or more'}, got {excerpt(repr(v))}"))
     if out:
         return out
-    for k in ("sample_rate", "n_fft", "n_mels", "win_length_ms", "hop_length_ms", "max_seconds"):
+    for k in ("sample_rate", "n_fft", "n_mels", "n_fbank", "win_length_ms", "hop_length_ms", "max_seconds"):
         if feat.get(k) is not None and feat[k] > LIMITS[f"features.{k}"]:
             out.append((k, f"is {feat[k]}; at most {LIMITS[f'features.{k}']} is allowed (more does not fit in "
                            "memory or is a typo)"))
@@ -411,12 +422,38 @@ def _validate_values(cfg: dict) -> None:
                                           f"(exclusive), got {cfg['test']['calibration_fraction']!r}")
     if not str(cfg["train"]["n_folder"]).strip():
         fail("train.n_folder", "is empty; name the run folder, e.g. '001'")
+    if cfg["test"]["bootstrap"] < 0 or 0 < cfg["test"]["bootstrap"] < MIN_BOOTSTRAP:
+        fail("test.bootstrap", f"is {cfg['test']['bootstrap']!r}; give 0 (no confidence intervals) or at least "
+                               f"{MIN_BOOTSTRAP} replicates (fewer cannot place the 2.5th percentile; 1000 is usual)")
+
+
+def _validate_validation(cfg: dict) -> None:
+    """Checks of the ``validation:`` section (``svlab/validation.py``)."""
+    v = cfg["validation"]
+
+    def fail(key: str, what: str) -> None:
+        dotted = f"validation.{key}"
+        raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}' {what}, got {excerpt(repr(v[key]))}")
+    if not 0 < v["fraction"] < 1:
+        fail("fraction", "is a share of the training speakers and must be between 0 and 1 (exclusive)")
+    for key in ("max_speakers", "min_utterances", "utts_per_speaker", "min_train_speakers"):
+        if v[key] < 2:
+            fail(key, "must be 2 or more (a validation EER needs 2 speakers, each with 2 utterances)")
+    if v["max_frames"] < 0 or 0 < v["max_frames"] <= XVECTOR_CONTEXT:
+        fail("max_frames", f"must be 0 (whole utterances) or more than {XVECTOR_CONTEXT} frames")
+    if v["max_trials"] < 100:
+        fail("max_trials", "must be at least 100 (fewer trials give no usable EER)")
+    if v["seed"] < 0:
+        fail("seed", "must be 0 or more")
+    if v["trials"] and not v["manifest"]:
+        fail("manifest", "must name the manifest of validation.trials (lines: SPEAKER RELPATH)")
 
 
 # The path-valued keys (``features.cache_dir`` may be empty: no disk cache). ``load_config`` refuses a
 # Windows drive or UNC path in any of them on another system, before anything is read or written.
 PATH_KEYS = ("data.root", "data.train_manifest", "test.root", "test.test_manifest", "test.trials",
-             "test.model_path", "features.cache_dir", "train.save_dir")
+             "test.model_path", "features.cache_dir", "train.save_dir", "validation.trials", "validation.manifest",
+             "validation.root")
 
 
 def _validate_paths(cfg: dict) -> None:

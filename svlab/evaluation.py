@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from svlab import metrics
+from svlab import confidence, metrics
 from svlab.audio import load_audio
 from svlab.backend import checkpoint_fingerprint, load_backend, read_backend_meta
 from svlab.checkpoint import describe_mismatch
@@ -295,6 +295,12 @@ def describe_run(opts: ScoringOptions, checkpoint: Path | None, state: dict | No
     }
 
 
+def bootstrap_intervals(cfg: dict, test: TestTrials, scores: np.ndarray, labels: np.ndarray) -> dict:
+    """``metrics.json``'s 95 % intervals of the EER and minDCF (``eer_ci95``, ``min_dcf_<p>_ci95``, ``ci_method``):
+    a bootstrap over the test speakers (``svlab.confidence``), ``test.bootstrap`` replicates (0: none)."""
+    return confidence.interval_fields(test.trials, test.utterances, scores, labels, cfg["test"]["bootstrap"])
+
+
 def calibration_metrics(fb: FittedBackend, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict]:
     """Calibrated LLRs of ``scores`` and their quality: actual DCF at the Bayes thresholds, Cllr."""
     cal = fb.calibrator
@@ -316,7 +322,8 @@ def log_details(result: dict, opts: ScoringOptions, out_dir: Path, log=print, em
     """The lines printed after the lab's ``Epoch=.. EER= .. Thres= ..`` line (``embeddings``: how many rows
     ``embeddings.npy`` got, when it was written)."""
     log(f"minDCF(0.01)= {result['min_dcf_0.01']:.4f} minDCF(0.001)= {result['min_dcf_0.001']:.4f} | "
-        f"{result['n_target']} target / {result['n_nontarget']} non-target trials | {opts.label} | {out_dir}")
+        f"{confidence.intervals_line(result)}{result['n_target']} target / {result['n_nontarget']} non-target "
+        f"trials | {opts.label} | {out_dir}")
     if opts.calibrate:
         log(f"actDCF(0.01)= {result['actual_dcf_0.01']:.4f} actDCF(0.001)= {result['actual_dcf_0.001']:.4f} "
             f"(Bayes thresholds: LLR >= {result['bayes_llr_threshold_0.01']:.2f} / "

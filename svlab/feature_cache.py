@@ -35,7 +35,7 @@ from svlab import augment, features
 from svlab.audio import conversion_note, one_line, read_audio
 from svlab.config import config_path_value, feature_problems, resolve_path
 from svlab.errors import ConfigError, DataError
-from svlab.features import FEATURE_KEYS, feature_signature, mfcc
+from svlab.features import FEATURE_KEYS, extract, feature_dim, feature_signature, feature_type
 from svlab.files import atomic_write
 from svlab.manifests import MAX_LISTED_PROBLEMS, Utterance, check_training_data
 from svlab.process_pool import quiet_worker, run_jobs
@@ -52,27 +52,41 @@ AUDIO_FIX = "Check each file (a readable WAV/FLAC recording of speech) or pass a
 
 
 def check_settings(feat_cfg: dict) -> None:
-    """Refuse, once and naming the settings, feature settings no audio file can be turned into MFCCs
+    """Refuse, once and naming the settings, feature settings no audio file can be turned into features
     with (``svlab.config.feature_problems``, then a trial run on one second of noise), instead of one
     failure per audio file. Settings from a checkpoint reach here without ``load_config``'s checks."""
     problems = feature_problems(feat_cfg, strict=False)
+    made = _front_end_name(feat_cfg)
     if problems:
-        raise ConfigError("the feature settings cannot make MFCCs: "
+        raise ConfigError(f"the feature settings cannot make {made}: "
                           + "; ".join(f"features.{k} {what}" for k, what in problems[:3]))
     sr = feat_cfg["sample_rate"]
     probe = 0.1 * np.random.default_rng(0).standard_normal(max(sr, feat_cfg["n_fft"])).astype(np.float32)
     try:
-        feats = features.mfcc(probe, feat_cfg)  # the front end itself (tests replace the per-file ``mfcc``)
+        feats = features.extract(probe, feat_cfg)  # the front end itself (tests replace the per-file ``extract``)
     except Exception as e:
-        raise ConfigError(f"the feature settings ({_describe_settings(feat_cfg)}) cannot make MFCCs of any audio "
+        raise ConfigError(f"the feature settings ({_describe_settings(feat_cfg)}) cannot make {made} of any audio "
                           f"({type(e).__name__}: {one_line(e, 160)}); fix the features: section") from None
     if not np.all(np.isfinite(feats)):
-        raise ConfigError(f"the feature settings ({_describe_settings(feat_cfg)}) give NaN/inf MFCCs for any audio; "
+        raise ConfigError(f"the feature settings ({_describe_settings(feat_cfg)}) give NaN/inf {made} for any audio; "
                           "fix the features: section")
 
 
+# the settings each front end does not use, left out of its description
+_UNUSED_SETTINGS = {"mfcc": ("n_fbank",), "fbank": ("n_mfcc", "n_mels")}
+
+
+def _front_end_name(feat_cfg: dict) -> str:
+    return "fbank features" if feature_type(feat_cfg) == "fbank" else "MFCCs"
+
+
 def _describe_settings(feat_cfg: dict) -> str:
-    return ", ".join(f"{k}={excerpt(repr(feat_cfg.get(k)), 20)}" for k in FEATURE_KEYS if k != "mean_norm")
+    """``sample_rate=16000, n_mfcc=40, ...``: the settings the configured front end uses (an fbank's
+    starts with ``type='fbank'``)."""
+    kind = feature_type(feat_cfg)
+    skip = ("type", "mean_norm", *_UNUSED_SETTINGS.get(kind, ()))
+    used = ", ".join(f"{k}={excerpt(repr(feat_cfg.get(k)), 20)}" for k in FEATURE_KEYS if k not in skip)
+    return used if kind == "mfcc" else f"type={excerpt(repr(kind), 20)}, {used}"
 
 
 def _extract_one(args) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
@@ -85,7 +99,7 @@ def _extract_one(args) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
     try:
         wav, sr, channels = read_audio(path, feat_cfg["sample_rate"], feat_cfg.get("min_seconds", 0.0) or 0.0,
                                        feat_cfg.get("max_seconds"))
-        feats = mfcc(wav, feat_cfg)
+        feats = extract(wav, feat_cfg)
         if not np.all(np.isfinite(feats)):
             return None, f"{printable(path)}: features are not finite (NaN/inf MFCCs)", (sr, channels)
         return feats, None, (sr, channels)
@@ -133,7 +147,7 @@ def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{p}\0missing\n".encode())
-    return cache_dir / f"mfcc_{h.hexdigest()[:20]}.npz"
+    return cache_dir / f"{feature_type(feat_cfg)}_{h.hexdigest()[:20]}.npz"
 
 
 # --------------------------------------------------------------------------- cache files
@@ -245,7 +259,7 @@ def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
         cache_file = _cache_file(paths, feat_cfg, resolve_path(cache_dir_value))
 
         def check(z: dict) -> None:
-            _check_offsets(z["offsets"], len(z["kept"]), z["data"], feat_cfg["n_mfcc"])
+            _check_offsets(z["offsets"], len(z["kept"]), z["data"], feature_dim(feat_cfg))
             kept = z["kept"]
             if len(kept) and (kept.min() < 0 or kept.max() >= len(paths)) or len(z["infos"]) not in (0, len(paths)):
                 raise _Damaged("its file indices do not fit the file list")
@@ -328,7 +342,7 @@ def speed_speaker(speaker: str, factor: float) -> str:
 class TrainingFeatures:
     """Training features with their augmented copies (``load_training_features``).
 
-    ``versions[j]``: the versions of training item ``j``, each ``(n_mfcc, frames)`` float32: the clean
+    ``versions[j]``: the versions of training item ``j``, each ``(n_features, frames)`` float32: the clean
     features first, then the ``augment.copies`` augmented ones. ``items[j]``: ``(index into paths,
     speed factor)``, factor 1.0 for the utterance itself, else a speed copy that is a new speaker.
     ``kept``/``problems`` as from ``load_features``; ``cache_file``: the augmented-copy cache (or None).
@@ -364,10 +378,10 @@ def _augment_one(args):
         for j, factor in enumerate([1.0] + list(factors)):
             base = wav if j == 0 else augment.change_speed(wav, factor)
             if j > 0:
-                out.append(mfcc(base, feat_cfg))
+                out.append(extract(base, feat_cfg))
             for k in range(aug["copies"]):
                 rng = np.random.default_rng((aug["seed"], index, j, k))
-                out.append(mfcc(augment.augment_waveform(base, rng, aug, others=others, sr=sr), feat_cfg))
+                out.append(extract(augment.augment_waveform(base, rng, aug, others=others, sr=sr), feat_cfg))
         bad = [f for f in out if not np.all(np.isfinite(f))]
         if bad:
             return None, f"{path}: augmented features are not finite (NaN/inf MFCCs)"
@@ -407,7 +421,7 @@ def _aug_cache_file(paths: list[Path], feat_cfg: dict, aug: dict, kept: list[int
     h.update(json.dumps(augment.offline_signature(aug), sort_keys=True).encode())
     h.update(json.dumps([int(i) for i in kept]).encode())
     h.update(json.dumps(list(speakers), ensure_ascii=False).encode())
-    return cache_dir / f"mfcc_aug_{h.hexdigest()[:20]}.npz"
+    return cache_dir / f"{feature_type(feat_cfg)}_aug_{h.hexdigest()[:20]}.npz"
 
 
 def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dict, aug_cfg: dict | None,
@@ -441,7 +455,7 @@ def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dic
         def check(z: dict) -> None:
             if z["layout"].tolist() != [len(kept), aug["copies"], len(factors)]:
                 raise _Damaged("its layout does not fit the augmentation settings")
-            _check_offsets(z["offsets"], len(kept) * per_utt, z["data"], feat_cfg["n_mfcc"])
+            _check_offsets(z["offsets"], len(kept) * per_utt, z["data"], feature_dim(feat_cfg))
         z = _read_cache(cache_file, ("data", "offsets", "layout"), check, log)
         if z is not None:
             data, offsets = z["data"], z["offsets"]

@@ -10,7 +10,8 @@
 ``resume_point``  the newest readable resumable checkpoint, and the files skipped on the way
 ``RunFolder``     what one training run writes there, with the modules whose state it saves:
                   ``config.yaml`` and ``skipped_files.txt`` at the start, ``checkpoint_NNN.pth``,
-                  ``train_log.csv`` and ``curves.png`` every epoch (older checkpoints stripped of the
+                  ``train_log.csv``, ``curves.png`` and ``best.json`` (the epoch of lowest validation
+                  EER, ``svlab.validation``) every epoch (older checkpoints stripped of the
                   optimiser state, the oldest pruned), ``interrupted.pth`` on a stop, and the lab-named
                   ``<model>_<pooling>_<loss>_checkpoint.pth`` at the end.
 ``next_command``  the exact command line to run next on this run (``--resume``, ``EER.py``)
@@ -41,9 +42,10 @@ from svlab.files import atomic_write, stale_temp_files
 from svlab.models import describe
 from svlab.text import excerpt, printable
 from svlab.training import RunLock, apply_changed_schedule
+from svlab.validation import BEST_FILE, VAL_FIELDS, write_best
 
 LOG_FIELDS = ["epoch", "loss", "acc", "lr", "margin", "seconds"]
-RUN_FILES = ["train_log.csv", "curves.png", "skipped_files.txt", "config.yaml"]  # besides checkpoints
+RUN_FILES = ["train_log.csv", "curves.png", "skipped_files.txt", "config.yaml", BEST_FILE]  # besides checkpoints
 ASIDE = ".previous"          # the previous run, set aside by --overwrite until the first checkpoint
 MOVING = ".previous.moving"  # files on their way into or out of ASIDE: always safe to put back
 DISCARD = ".previous.discard"  # ASIDE on its way out, once the new run has its first checkpoint
@@ -315,6 +317,17 @@ def resume_point(folder: Path) -> tuple[Path | None, dict | None, list[tuple[Pat
     return path, state, [(p, r) for p, r in unreadable]
 
 
+def saved_validation(folder: Path) -> dict | None:
+    """The ``validation`` record (``svlab.validation``: the held-apart speakers) of the checkpoint
+    ``--resume`` continues from: ``{}`` when it has none (validation off, or a run from before), None
+    when there is nothing to resume (or ``--resume`` will refuse, saying why)."""
+    try:
+        _, state, _ = resume_point(folder)
+    except LabError:
+        return None
+    return None if state is None else dict(state.get("validation") or {})
+
+
 def keep_unreadable(files: list[tuple[Path, str]], log=print) -> None:
     """Rename unreadable checkpoints to ``<name>.unreadable``: the resumed run neither overwrites nor
     deletes them, and nothing lists them as checkpoints any more."""
@@ -333,10 +346,13 @@ def keep_unreadable(files: list[tuple[Path, str]], log=print) -> None:
 
 # --------------------------------------------------------------------------- files of every epoch
 def write_log_csv(path: Path, history: list[dict]) -> None:
-    """``train_log.csv``: one row per epoch (``LOG_FIELDS``)."""
+    """``train_log.csv``: one row per epoch (``LOG_FIELDS``, then the validation columns when some
+    epoch was validated: ``svlab.validation.VAL_FIELDS``)."""
+    fields = LOG_FIELDS + [k for k in VAL_FIELDS if any(k in h for h in history)]
+
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(history)
     atomic_write(path, write)
@@ -358,12 +374,14 @@ def strip_resume_state(path: Path, log=print) -> None:
         save_checkpoint(state, path)
 
 
-def prune(folder: Path, keep: int) -> None:
-    """Keep only the newest ``keep`` epoch checkpoints (0: keep all)."""
+def prune(folder: Path, keep: int, protect: int | None = None) -> None:
+    """Keep only the newest ``keep`` epoch checkpoints (0: keep all), and epoch ``protect`` (the best
+    validation epoch, which ``EER.py --cp_num best`` evaluates)."""
     if keep and keep > 0:
         found = list_epoch_checkpoints(folder)
         for epoch in list(found)[:-keep]:
-            found[epoch].unlink(missing_ok=True)
+            if epoch != protect:
+                found[epoch].unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- the next command
@@ -413,6 +431,7 @@ class RunFolder:
         self.model, self.criterion, self.optimizer, self.scheduler, self.scaler = (
             model, criterion, optimizer, scheduler, scaler)
         self.speakers = list(speakers)
+        self.validation: dict | None = None  # the held-apart speakers (svlab.validation), saved with every state
 
     def resume(self) -> tuple[list[dict], int, int, dict | None]:
         """Load the newest resumable state into the modules, optimiser, scheduler and scaler; returns
@@ -475,6 +494,7 @@ class RunFolder:
             "config": public_config(cfg), "features": feature_signature(cfg["features"]),
             "speakers": list(self.speakers), "history": history, "tag": describe(cfg["model"], cfg["loss"]),
             **({"scaler_state": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+            **({"validation": self.validation} if self.validation else {}),
         }
 
     def save_interrupted(self, epoch: int, step: int, partial: dict, history: list[dict]) -> None:
@@ -501,10 +521,12 @@ class RunFolder:
         strip_resume_state(epoch_checkpoint_path(folder, epoch - 1), self.log)
         (folder / INTERRUPTED).unlink(missing_ok=True)
         write_log_csv(folder / "train_log.csv", history)
-        prune(folder, self.cfg["train"]["keep_checkpoints"])
+        best = write_best(folder, history)  # the epoch of lowest validation EER (svlab.validation): never pruned
+        prune(folder, self.cfg["train"]["keep_checkpoints"], protect=best)
         try:
             from svlab.plots import plot_training_curves  # here: not even a broken matplotlib stops training
-            plot_training_curves(history, folder / "curves.png", title=describe(self.cfg["model"], self.cfg["loss"]))
+            plot_training_curves(history, folder / "curves.png", title=describe(self.cfg["model"], self.cfg["loss"]),
+                                 best_epoch=best)
         except Exception as e:  # a figure must never cost a training run
             self.log(f"note: curves.png not drawn ({e})")
 

@@ -297,12 +297,12 @@ def test_run_without_mean_normalisation_is_evaluated_without_it(make_config, tmp
     assert state["features"]["mean_norm"] is False
     assert state["model_state"]["frame_layers.4.conv.weight"].shape[0] == 24  # model.stat_channels
     seen = []
-    real_mfcc = features.mfcc
+    real_mfcc = features.extract
 
     def spy(wav, feat_cfg, mean_norm=None):
         seen.append(feat_cfg.get("mean_norm") if mean_norm is None else mean_norm)
         return real_mfcc(wav, feat_cfg, mean_norm)
-    monkeypatch.setattr(feature_cache, "mfcc", spy)  # the MFCC of every file load_features reads
+    monkeypatch.setattr(feature_cache, "extract", spy)  # the MFCC of every file load_features reads
     default_cfg = make_config(tmp_path)  # the shipped default (true): the checkpoint's setting wins
     out = EER.evaluate(default_cfg, result["final_checkpoint"], out_dir=tmp_path / "eval", log=quiet)
     assert seen and set(seen) == {False}

@@ -345,7 +345,7 @@ def test_report_markdown_html_and_images(evrun, tmp_path):
     assert "curves.png" in md and "| eval_001 |" in md and "eval_001_asnorm" in md
     assert "```yaml" in md and "embedding_size: 16" in md
     assert '<meta charset="utf-8">' in page and 'id="img-check"' in page
-    srcs = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    srcs = re.findall(r'<img[^>]+data-file="([^"]+)"', page)  # the file each embedded picture shows
     assert "curves.png" in srcs and "eval_001/det.png" in srcs and "eval_001_asnorm/hist.png" in srcs
     for src in srcs:
         assert not src.startswith("/") and (run / src).is_file(), src

@@ -301,7 +301,7 @@ def test_failures_inside_worker_processes_become_one_line(tmp_path, monkeypatch)
     good = _write(tmp_path / "good.wav", _tone(0.3))
     paths = [good] * 64  # enough for the process pool
     feat_cfg = {**_feat_cfg(tmp_path), "cache_dir": ""}
-    monkeypatch.setattr(feature_cache, "mfcc", _raise_multiline)  # inherited by the forked workers
+    monkeypatch.setattr(feature_cache, "extract", _raise_multiline)  # inherited by the forked workers
     feats, problems = feature_cache.extract_features(paths, feat_cfg, workers=2)
     assert feats == [None] * 64 and len(problems) == 64
     assert all("\n" not in p and "good.wav" in p and "ValueError: first line second line third" in p

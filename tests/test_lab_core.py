@@ -125,7 +125,7 @@ def test_xvector_padded_batch_equals_items_alone(pool):
 
 def test_build_model_respects_config():
     model = speaker_model.build_model({"name": "xvector", "pooling": "gap", "embedding_size": 16,
-                                       "channels": 32}, n_mfcc=20)
+                                       "channels": 32}, n_features=20)
     assert isinstance(model, xvector.Xvector)
     assert model.frame_layers[0].conv.in_channels == 20
     assert model.frame_layers[0].conv.out_channels == 32

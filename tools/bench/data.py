@@ -20,7 +20,7 @@ from svlab import models as speaker_model
 from svlab.audio import load_audio
 from svlab.embedding import embed_features
 from svlab.feature_cache import extract_features
-from svlab.features import equal_length_batches, mfcc
+from svlab.features import equal_length_batches, feature_dim, mfcc
 from svlab.scoring import cosine_scores
 
 # The first mfcc(load_audio(...)) call in a fresh interpreter: imports, librosa's numba start-up and
@@ -111,7 +111,7 @@ def measure_embedding(bench) -> None:
     cfg, device = bench.cfg, bench.device
     model = getattr(bench, "model", None)
     if model is None:  # training section failed: a fresh model is as good for timing
-        model = speaker_model.build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
+        model = speaker_model.build_model(cfg["model"], feature_dim(cfg["features"])).to(device)
     model.eval()
     ds = SpkTestDataset(cfg, log=quiet)
     bs = cfg["test"]["batch_size"]
@@ -130,7 +130,7 @@ def measure_embedding(bench) -> None:
     bench.result["embed_x_realtime"] = rate * audio_s / len(ds)
     bench.result["embed_utterances"] = len(ds)
     bench.result["embed_batches"] = len(equal_length_batches([f.shape[1] for f in ds.features], bs))
-    x = torch.randn(bs, cfg["features"]["n_mfcc"], 300).to(device)
+    x = torch.randn(bs, feature_dim(cfg["features"]), 300).to(device)
     rates = []
     with torch.no_grad():
         model(x)

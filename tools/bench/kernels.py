@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from bench.system import quiet, sync
 from svlab import models as speaker_model
+from svlab.features import feature_dim
 from svlab.training import amp_dtype_for
 
 # Passes over every frame-layer output (fp32) that even a perfectly fused Conv -> ReLU -> BatchNorm step
@@ -217,7 +218,7 @@ def stock_elementwise_seconds(gemms: list[dict], batch: int, device: torch.devic
 
 def step_gemms(cfg: dict, n_classes: int) -> list[dict]:
     """``layer_gemms`` of config ``cfg``'s model and loss head at its training batch and crop."""
-    n_mfcc = cfg["features"]["n_mfcc"]
+    n_mfcc = feature_dim(cfg["features"])
     model = speaker_model.build_model(cfg["model"], n_mfcc)
     head = speaker_model.build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes)
     return layer_gemms(model, head, cfg["train"]["batchsize"], n_mfcc, cfg["train"]["crop_frames"])

@@ -24,6 +24,7 @@ from svlab import cpu_runtime
 from svlab import models as speaker_model
 from svlab.checkpoint import run_folder
 from svlab.distributed import DistInfo
+from svlab.features import feature_dim
 from svlab.training import amp_dtype_for, autocast, check_loss, lr_lambda, warm_up_margin
 
 
@@ -55,7 +56,7 @@ def build_training(cfg: dict, n_classes: int, steps_per_epoch: int, device: torc
     same order, so the same initial weights)."""
     tcfg = cfg["train"]
     torch.manual_seed(tcfg["seed"])
-    model = speaker_model.build_model(cfg["model"], cfg["features"]["n_mfcc"]).to(device)
+    model = speaker_model.build_model(cfg["model"], feature_dim(cfg["features"])).to(device)
     criterion = speaker_model.build_loss(cfg["loss"], cfg["model"]["embedding_size"], n_classes).to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *criterion.parameters()], lr=tcfg["lr"],
                                  weight_decay=tcfg["weight_decay"])
@@ -164,7 +165,7 @@ def allocator_probe(keep: bool, batch: int, frames: int, n_classes: int, warmup:
     device = torch.device("cpu")
     t = build_training(cfg, n_classes, 1000, device)
     t.train()
-    batches = reference_batches(batch, cfg["features"]["n_mfcc"], frames, n_classes, device)
+    batches = reference_batches(batch, feature_dim(cfg["features"]), frames, n_classes, device)
     timed_steps(t, batches, warmup, None, device)
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     seconds, crops = timed_steps(t, batches, steps, None, device)
@@ -181,7 +182,7 @@ def measure_training(bench) -> None:
     # as train.py does, after reading the features
     result["keep_freed_memory"] = cfg["train"]["keep_freed_memory"] and cpu_runtime.keep_freed_memory()[0]
     n_classes = len(dataset.speakers)
-    batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
+    batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], feature_dim(cfg["features"])
     steps_per_epoch = math.ceil(len(dataset) / batch)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -269,7 +270,7 @@ def measure_bf16(bench) -> None:
         result["bf16_skipped"] = "a GPU run" if bench.device.type != "cpu" else what
         return
     cfg, device, s = bench.cfg, bench.device, bench.s
-    batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
+    batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], feature_dim(cfg["features"])
     n_classes = result["n_classes"]
     t = build_training(cfg, n_classes, 1, device)
     t.train()
@@ -299,7 +300,7 @@ def measure_compiled(bench) -> None:
     ``torch.compile``, as ``train.py --compile`` does; also under bfloat16 autocast where the CPU
     has it natively (``train.py --compile --amp bf16``)."""
     cfg, device, result, s = bench.cfg, bench.device, bench.result, bench.s
-    batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], cfg["features"]["n_mfcc"]
+    batch, frames, n_mfcc = cfg["train"]["batchsize"], cfg["train"]["crop_frames"], feature_dim(cfg["features"])
     n_classes = result["n_classes"]
     t = build_training(cfg, n_classes, 1, device)
     t.model = torch.compile(t.model)

@@ -6,9 +6,10 @@ Configuration, files and errors
 ``config``          load and validate ``config.yaml`` (the schema: every key, its default and choices)
 ``yaml_files``      reading YAML within limits (aliases, size, nesting; backslashes in double quotes)
 ``errors``          the user-fixable errors every command reports in one line
-``files``           write-then-rename for every file the project writes
+``files``           write-then-rename for every file the project writes; outputs never replace inputs;
+                    unreadable indexes kept aside by name
 ``text``            printing outside text (file names, checkpoint fields) escaped and short
-``safe_update``     results folders swapped in whole; unreadable indexes kept aside, never replaced
+``safe_update``     results folders swapped in whole, never left half old, half new
 ``guard``           around every command: one line for an error or Ctrl-C/SIGTERM, escaped output
 
 Data (under ``dataset.py``)

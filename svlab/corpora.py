@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 
 from svlab.errors import PrepareError
 from svlab.files import atomic_write, shown
-from svlab.safe_update import read_json_index
+from svlab.files import read_json_index
 
 # The lab's three manifests (in ``svlab.config.FILES_DIR`` unless told otherwise).
 TRAIN_NAME, TEST_NAME, TRIALS_NAME = "split_train_set.txt", "test_set.txt", "trials.txt"

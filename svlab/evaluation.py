@@ -47,7 +47,8 @@ from svlab.files import atomic_write
 from svlab.guard import one_line
 from svlab.manifests import Trial, Utterance, overlap_warning, read_manifest, read_trials
 from svlab.plots import plot_det, plot_roc, plot_score_hist
-from svlab.safe_update import StagedFolder, read_json_index
+from svlab.files import read_json_index
+from svlab.safe_update import StagedFolder
 from svlab.scoring_system import (BACKEND_FILE, COHORT_FILE, FittedBackend, ScoringOptions, complete, load_cohort,
                                   options_of_evaluation)
 
@@ -459,7 +460,7 @@ def read_evaluation_index(index_file: Path, log=None, keep_aside: bool = False) 
     """``{checkpoint file name: [entries, latest last]}`` of an ``evaluations.json`` ({} if absent).
 
     An unreadable index is noted (``log``) and ignored, or with ``keep_aside`` (before writing a new
-    one) renamed to ``evaluations.json.unreadable-<time>`` (``svlab.safe_update.read_json_index``)."""
+    one) renamed to ``evaluations.json.unreadable-<time>`` (``svlab.files.read_json_index``)."""
     return read_json_index(index_file, _valid_index, log or (lambda *a: None), keep_aside=keep_aside)
 
 

@@ -11,6 +11,7 @@ with its index file, or by ``WrittenFiles``, a record of what a command wrote in
 """
 from __future__ import annotations
 
+import datetime as _dt
 import errno
 import hashlib
 import json
@@ -21,7 +22,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from svlab.errors import FileWriteError, OutputError
-from svlab.safe_update import read_json_index
 from svlab.text import printable
 
 # Epoch checkpoints count as targets of a temporary file whatever list of names a caller passes:
@@ -52,10 +52,10 @@ def atomic_write(path: Path, write_fn) -> None:
     except BaseException:
         _silent_unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename durable (a power cut right after must not bring back the old file)."""
     if os.name == "nt":
         return
@@ -260,3 +260,57 @@ class WrittenFiles:
 
     def write_bytes(self, path: os.PathLike | str, data: bytes) -> None:
         self.write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+# --------------------------------------------------------------------------------------------------
+# An index read back and rewritten
+# --------------------------------------------------------------------------------------------------
+def set_aside(path: Path, why: str, log=print) -> Path:
+    """Rename an unreadable ``path`` to ``<name>.unreadable-<time>`` (never over another file), say so
+    in one line, and return the new name."""
+    path = Path(path)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    kept = path.with_name(f"{path.name}.unreadable-{stamp}")
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.name}.unreadable-{stamp}-{n}")
+    try:
+        os.rename(path, kept)
+    except OSError as e:
+        raise FileWriteError(f"{path} is unreadable ({why}) and could not be moved aside "
+                             f"({e.strerror or e}); move it away yourself and run again") from None
+    log(f"note: {printable(path)} is unreadable ({printable(why)}); kept as {printable(kept.name)}, "
+        "starting a new one")
+    return kept
+
+
+def read_json_index(path: Path, valid=None, log=print, keep_aside: bool = True) -> dict:
+    """The JSON object in ``path`` ({} when there is none). ``valid(data) -> bool`` checks its shape.
+
+    An unreadable file (truncated, not UTF-8, not JSON, not a valid index) is renamed aside with
+    ``set_aside`` when ``keep_aside`` (the caller is about to write a new index), else only noted;
+    either way {} is returned. A file that cannot even be opened (no permission) stops with one line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
+        why = None if isinstance(data, dict) and (valid is None or valid(data)) else "not the expected kind of index"
+    except UnicodeDecodeError as e:
+        why = f"not UTF-8 text at byte {e.start}"
+    except json.JSONDecodeError as e:
+        why = f"not valid JSON: {e.msg} at line {e.lineno}" + (", probably cut short" if e.pos >= len(text) - 1 else "")
+    except IsADirectoryError:
+        raise FileWriteError(f"{path} is a folder, not an index file; move it away and run again") from None
+    except OSError as e:
+        raise FileWriteError(f"cannot read {path}: {e.strerror or e}") from None
+    if why is None:
+        return data
+    if keep_aside:
+        set_aside(path, why, log)
+    else:
+        log(f"note: {printable(path)} is unreadable ({why}); ignoring it")
+    return {}

@@ -9,16 +9,12 @@ A process killed outright (SIGKILL, power cut) in the middle of the swap leaves 
 behind; the next ``StagedFolder`` on the same target puts the old folder back (or finishes the move
 of the user's files) before it starts.
 
-``read_json_index``: a JSON index that is read, updated and written back (``evaluations.json``,
-``results/<table>.json``). When it cannot be read (truncated, not JSON, not the expected shape) it is
-renamed to ``<name>.unreadable-<time>``, named in one line, and a new index is started: never
-silently replaced.
+An index read back and rewritten (``evaluations.json``) is kept aside by name when unreadable:
+``svlab.files.read_json_index``.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
 import os
 import shutil
 import signal
@@ -26,6 +22,7 @@ import threading
 from pathlib import Path
 
 from svlab.errors import FileWriteError
+from svlab.files import fsync_dir
 from svlab.text import printable
 
 NEW_TAG, OLD_TAG = ".new-", ".old-"
@@ -203,7 +200,7 @@ class StagedFolder:
                                      f"previous one is in {aside}: rename it back to {target.name}") from None
             raise FileWriteError(f"could not put the new {self.what} in place of {target}: {why}"
                                  f"{self._unchanged()}") from None
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         if had_old:
             left = _move_entries(aside, target, self.made)
             if left:
@@ -211,72 +208,3 @@ class StagedFolder:
                          f"new {printable(target)} ({printable(', '.join(left[:5]))})")
             else:
                 shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------------------------------
-# An index read back and rewritten
-# --------------------------------------------------------------------------------------------------
-def set_aside(path: Path, why: str, log=print) -> Path:
-    """Rename an unreadable ``path`` to ``<name>.unreadable-<time>`` (never over another file), say so
-    in one line, and return the new name."""
-    path = Path(path)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    kept = path.with_name(f"{path.name}.unreadable-{stamp}")
-    n = 1
-    while kept.exists():
-        n += 1
-        kept = path.with_name(f"{path.name}.unreadable-{stamp}-{n}")
-    try:
-        os.rename(path, kept)
-    except OSError as e:
-        raise FileWriteError(f"{path} is unreadable ({why}) and could not be moved aside "
-                             f"({e.strerror or e}); move it away yourself and run again") from None
-    log(f"note: {printable(path)} is unreadable ({printable(why)}); kept as {printable(kept.name)}, "
-        "starting a new one")
-    return kept
-
-
-def read_json_index(path: Path, valid=None, log=print, keep_aside: bool = True) -> dict:
-    """The JSON object in ``path`` ({} when there is none). ``valid(data) -> bool`` checks its shape.
-
-    An unreadable file (truncated, not UTF-8, not JSON, not a valid index) is renamed aside with
-    ``set_aside`` when ``keep_aside`` (the caller is about to write a new index), else only noted;
-    either way {} is returned. A file that cannot even be opened (no permission) stops with one line.
-    """
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        text = path.read_bytes().decode("utf-8")
-        data = json.loads(text)
-        why = None if isinstance(data, dict) and (valid is None or valid(data)) else "not the expected kind of index"
-    except UnicodeDecodeError as e:
-        why = f"not UTF-8 text at byte {e.start}"
-    except json.JSONDecodeError as e:
-        why = f"not valid JSON: {e.msg} at line {e.lineno}" + (", probably cut short" if e.pos >= len(text) - 1 else "")
-    except IsADirectoryError:
-        raise FileWriteError(f"{path} is a folder, not an index file; move it away and run again") from None
-    except OSError as e:
-        raise FileWriteError(f"cannot read {path}: {e.strerror or e}") from None
-    if why is None:
-        return data
-    if keep_aside:
-        set_aside(path, why, log)
-    else:
-        log(f"note: {printable(path)} is unreadable ({why}); ignoring it")
-    return {}

@@ -28,6 +28,7 @@ from scipy import signal
 
 from svlab.config import PROJECT_ROOT, resolve_path
 from svlab.corpora import TEST_NAME, TRAIN_NAME, TRIALS_NAME
+from svlab.errors import FileWriteError
 from svlab.files import atomic_write
 from svlab.process_pool import run_jobs
 
@@ -216,7 +217,11 @@ def generate(root: Path, params: dict | None = None, files_dir: Path | None = No
     """Write the corpus under ``root`` (and its manifests into ``files_dir`` when given)."""
     params = {**DEFAULTS, **(params or {})}
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileWriteError(f"cannot create the demo corpus folder {root}: {e.strerror or e}; "
+                             "choose a folder you can write to") from None
     jobs = [(str(root), rel, s, u, params) for _, rel, s, u in _plan(params)]
     # the workers keep their BLAS threads (the corpus must stay byte-identical) and stop at once on Ctrl-C
     run_jobs(_generate_one, jobs, workers or min(os.cpu_count() or 1, 8), "demo corpus",

@@ -44,3 +44,13 @@ def test_generation_is_deterministic_and_speakers_differ(tmp_path):
     t1 = demo_corpus.speaker_traits(np.random.default_rng((1, 0)))
     t2 = demo_corpus.speaker_traits(np.random.default_rng((1, 1)))
     assert t1["vtl"] != t2["vtl"] and t1["f0"] != t2["f0"]
+
+
+def test_an_unwritable_root_is_one_line_naming_the_folder(tmp_path, capsys):
+    """tools/demo_corpus.py: a root that cannot be created is one error line (exit 2), not a traceback."""
+    import demo_corpus as command  # tools/demo_corpus.py
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    assert command.main(["--root", str(blocker / "corpus"), "--n_train_speakers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot create the demo corpus folder") and "a_file" in err[0]

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project fold
 
 from svlab.config import resolve_path  # noqa: E402
 from svlab.demo_corpus import DEFAULTS, DEMO_ROOT, generate  # noqa: E402
-from svlab.errors import LabError  # noqa: E402
+from svlab.guard import run_command  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,13 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     params = {k: getattr(args, k) for k in DEFAULTS}
-    try:
+
+    def run() -> None:
         generate(resolve_path(args.root), params, files_dir=resolve_path(args.files) if args.files else None)
-    except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"demo corpus written to {args.root}")
-    return 0
+        print(f"demo corpus written to {args.root}")
+    return run_command(run)  # error: one line, exit 2; Ctrl-C / SIGTERM: one line, exit 130
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retrain_backend", action="store_true",
                     help="refit the PLDA / cohort / calibrator even if the evaluation folder has them")
     ap.add_argument("--save_embeddings", action="store_true",
-                    help="also write embeddings.npy (float32) and embeddings_index.txt to the output folder")
+                    help="also write embeddings.npy (float32) + embeddings_index.txt and Kaldi's xvector.ark/.scp")
     ap.add_argument("--report", action="store_true",
                     help="afterwards write report.md / report.html in the checkpoint's run folder")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -165,8 +165,8 @@ def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, de
             feat_cfg = cfg["features"]
             system = "baseline (MFCC mean+std)"
             t0 = time.perf_counter()
-            rows = test.needed
-            emb = evaluation.mfcc_stats_embeddings([config_path_value(cfg, "test.root") / r for r in rows], feat_cfg)
+            rows, root = test.needed, config_path_value(cfg, "test.root")
+            emb = evaluation.mfcc_stats_embeddings(test.audio_paths(root, rows), feat_cfg)
         else:
             feat_cfg = evaluation.checkpoint_settings(cfg, state, checkpoint, test, log)
             system = f"{state.get('tag', 'model')} epoch {state['epoch']}"
@@ -203,7 +203,7 @@ def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, de
             result.update(calibration)
         evaluation.write_outputs(work.path, test, scores, labels, far, frr, result, opts, checkpoint, llr)
         if save_embeddings:
-            write_embeddings(work.path / "embeddings.npy", emb, rows)
+            write_embeddings(work.path / "embeddings.npy", emb, rows, kaldi_at=out_dir, log=log)
         if checkpoint is not None:  # right after the new folder is in place
             work.after_commit.append(lambda: evaluation.record_evaluation(checkpoint, out_dir / "metrics.json",
                                                                           result, log))

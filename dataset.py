@@ -4,7 +4,8 @@
    RELPATHs are relative to ``data.root`` (training) or ``test.root`` (testing).
 2. Features (``svlab.features.mfcc``): each utterance becomes an MFCC array ``(n_mfcc, frames)``
    (25 ms window, 10 ms hop). They are computed once, in parallel, and cached on disk
-   (``features.cache_dir``, ``svlab.feature_cache``), so an epoch never re-reads audio.
+   (``features.cache_dir``, ``svlab.feature_cache``), so an epoch never re-reads audio. Training features
+   go to an on-disk store there (``svlab.feature_store``) and each crop is read from disk when drawn.
 3. Crops: ``SpkTrainDataset`` cuts a random ``train.crop_frames``-frame window of each training
    utterance per epoch, labelled with its speaker's index; ``SpkTestDataset`` gives whole test
    utterances, to be embedded one by one or in batches of equal length.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from svlab import augment
+from svlab import augment, online_augment
 from svlab.config import config_path_value, key_source
 from svlab.feature_cache import TEST_AUDIO_FIX, load_features, load_training_items
 from svlab.features import equal_length_batches, repeat_to
@@ -42,7 +43,8 @@ class SpkTrainDataset(Dataset):
     cropped from one of its K + 1 versions, chosen by the same ``(train.seed, epoch, i)`` generator:
     one item per utterance and epoch as before. ``augment.spec_augment`` masks each crop (same
     generator). With ``augment.speed_as_new_speakers`` the speed copies are extra items of new
-    speakers (``S0001_sp0.9``): ``speakers`` and the number of items grow.
+    speakers (``S0001_sp0.9``): ``speakers`` and the number of items grow. ``augment.mode: online``: each
+    crop is read from the waveform and augmented as it is drawn instead (``svlab.online_augment``).
 
     Attributes: ``speakers`` (sorted speaker names, index = class id), ``utterances`` (one per item;
     speed copies carry the new speaker name and the original relpath), ``labels``, ``skipped``
@@ -73,6 +75,7 @@ class SpkTrainDataset(Dataset):
                                n_freq_masks=int(aug["freq_masks"]), max_freq=int(aug["max_freq"]))
         self.seed = opts["train"]["seed"]
         self.epoch = 0
+        self.online = online_augment.for_training(opts, log)  # augment.mode online: crops from the waveform
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -94,7 +97,7 @@ class SpkTrainDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         version, start, rng = self.choose(i)
         feat = self.features[i] if version == 0 else self.versions[i][version]
-        crop = feat[:, start:start + self.crop_frames]
+        crop = feat[:, start:start + self.crop_frames] if self.online is None else self.online.crop(self, i, start, rng)
         if self.spec_augment:
             crop = augment.spec_augment(crop, rng, **self.spec_masks)
         return torch.from_numpy(crop), self.labels[i]
@@ -123,7 +126,7 @@ class SpkTestDataset(Dataset):
             wanted = set(relpaths)
             utts = [u for u in utts if u.relpath in wanted]
         check_root(self.root, utts, "test.root", manifest, key_source(opts, "test.root"))
-        feats, kept, problems = load_features([self.root / u.relpath for u in utts], opts["features"],
+        feats, kept, problems = load_features([u.path(self.root) for u in utts], opts["features"],
                                               policy="error", log=log, desc="test MFCC", fix=TEST_AUDIO_FIX)
         self.utterances = [utts[i] for i in kept]
         self.features = feats

@@ -4,6 +4,7 @@
     python train.py --loss_type amsoftmax --pooling stats --n_folder 001
     python train.py --resume                            # continue saved_model/000 where it stopped
     python train.py --amp bf16                          # bfloat16 autocast (fast on CPUs with AMX)
+    python train.py --finetune_from saved_model/000/checkpoint_030.pth --n_folder 001 --set loss.margin=0.3
     torchrun --standalone --nproc_per_node=2 train.py   # data-parallel over 2 processes
 
 Every epoch writes ``saved_model/<n_folder>/checkpoint_<epoch:03d>.pth`` (atomically, self-describing:
@@ -40,16 +41,17 @@ from tqdm import tqdm
 
 from dataset import SpkTrainDataset
 from svlab import distributed as dd
-from svlab.checkpoint import run_folder
+from svlab.checkpoint import finetune_config, run_folder
 from svlab.config import CHOICES, load_config, parse_override
 from svlab.cpu_runtime import keep_freed_memory, warm_up_vector_math
 from svlab.demo_corpus import ensure_demo_corpus
 from svlab.embedding import select_device
 from svlab.errors import ConfigError, DataError, LabError
+from svlab.feature_cache import extract_training_share
 from svlab.features import feature_dim
-from svlab.manifests import check_training_data
+from svlab.manifests import check_training_data, training_roots
 from svlab.models import build_loss, build_model, check_model_size, describe
-from svlab.run_folder import EVAL_SECTIONS, RunFolder, RunSession, next_command, prepare, saved_validation
+from svlab.run_folder import EVAL_SECTIONS, RunFolder, RunSession, kept_validation, next_command, prepare
 from svlab.training import (StopFlag, amp_dtype_for, autocast, check_loss, check_weights, compile_with_fallback,
                             lr_lambda, quiet, warm_up_margin)
 from svlab.validation import best_record, prepare as prepare_validation
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override any config key, e.g. --set loss.margin=0.3 (repeatable)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    ap.add_argument("--finetune_from", default=None, help="fine-tune (train.finetune_from): start from this "
+                    "checkpoint's network, loss head and settings, e.g. with longer crops and a larger loss.margin")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (falls back if unsupported)")
     ap.add_argument("--amp", choices=CHOICES["train.amp"], default=None,
                     help="mixed precision (train.amp): auto = bf16/fp16 on a GPU, fp32 on the CPU; "
@@ -87,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
         "train.n_folder": args.n_folder, "model.name": args.model, "model.pooling": args.pooling,
         "loss.type": args.loss_type, "train.batchsize": args.batchsize, "train.epochs": args.epochs,
         "train.lr": args.lr, "train.seed": args.seed, "train.crop_frames": args.crop_frames, "train.amp": args.amp,
+        "train.finetune_from": args.finetune_from,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})  # unset flags keep --set values
     return load_config(args.config, overrides)
@@ -104,6 +109,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
     """
     info = dist_info or dd.DistInfo(device=device or torch.device("cpu"))
     log = log if info.is_main else quiet
+    cfg, source = finetune_config(cfg, log)  # train.finetune_from: the source's network, head and settings
     device, tcfg = info.device, cfg["train"]
     folder = run_folder(cfg)  # inside train.save_dir, or a one-line ConfigError
     # Order matters: every check that can fail fast runs before the slow feature extraction, and
@@ -124,16 +130,19 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
 
         # ---- data: the random crops of the training utterances (rank 0 prepares, the others then read)
         with dd.main_process_first(info):
-            ensure_demo_corpus(cfg["data"]["root"], log=log)
+            ensure_demo_corpus(*training_roots(cfg["data"]), log=log)
             check_training_data(cfg)  # manifest parses, data.root holds its files: one message, before any work
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        if info.distributed:  # every rank extracts its share of the feature store's shards (svlab.feature_store)
+            extract_training_share(cfg, info.rank, info.world_size, lambda: dd.barrier(info), log)
+        with dd.main_process_first(info):
             dataset = SpkTrainDataset(cfg, log=log)
         n_manifest_speakers = len({u.speaker for u in dataset.utterances if u.speaker in dataset.manifest_speakers})
         if speaker_size is not None and speaker_size != n_manifest_speakers:
             raise ConfigError(f"--speaker_size {speaker_size} but {cfg['data']['train_manifest']} has "
                               f"{n_manifest_speakers} speakers; drop --speaker_size or fix the manifest")
         # validation: speakers held apart leave the training classes (or a given list); rank 0 scores them
-        validator = prepare_validation(cfg, dataset, saved_validation(folder) if resume else None, info.is_main, log)
+        validator = prepare_validation(cfg, dataset, kept_validation(folder, resume, source), info.is_main, log)
         n_classes = len(dataset.speakers)  # speed-perturbed copies as new speakers count as classes too
         if n_classes < 2:
             raise DataError(f"{cfg['data']['train_manifest']}: training needs at least 2 speakers, found {n_classes}"
@@ -157,8 +166,8 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, speaker_size
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # float16 only
         # the run folder keeps the modules themselves: wrapped below, they train the same weights
         run = RunFolder(cfg, model, criterion, optimizer, scheduler, scaler, dataset.speakers, log, info.is_main)
-        run.validation = validator.state  # the split, saved in every checkpoint: --resume keeps it
-        history, start_epoch, skip_steps, partial = run.resume() if resume else ([], 1, 0, None)
+        run.validation, run.source = validator.state, source  # the split, saved in every checkpoint: --resume keeps it
+        history, start_epoch, skip_steps, partial = run.resume() if resume else run.start()
         run.write_config(dataset.skipped, resume)
 
         if tcfg["keep_freed_memory"]:  # after feature extraction: its variable-size arrays would fragment the heap

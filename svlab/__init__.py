@@ -17,8 +17,12 @@ Data (under ``dataset.py``)
 ``audio``           reading audio (any format, rate and channel count) with one-line problems
 ``features``        the front ends (MFCC, fbank; librosa), ``feature_dim`` and the settings' signature
 ``feature_cache``   features computed once in parallel and cached on disk, augmented copies
+``feature_store``   training features in sharded Kaldi ark/scp, written as extracted, read a crop at a time
+``npz_cache``       the feature caches' .npz files, checksummed and read without trusting their headers
 ``process_pool``    worker processes that stop at once with whatever stops the command
 ``augment``         noise, reverberation, speed and SpecAugment
+``online_augment``  augmentation per training crop in the DataLoader workers; MUSAN / RIR folders
+``kaldi_data``      Kaldi data folders as manifests (wav.scp, utt2spk, segments); xvector.ark/.scp out
 ``demo_corpus``     the embedded synthetic corpus used when no real data is configured
 ``corpora``         finding a corpus on disk (AISHELL-1 and other layouts) for ``tools/prepare_data.py``
 ``corpora_split``   choosing speakers, building trial lists, writing manifests
@@ -50,6 +54,26 @@ Evaluation (under ``EER.py``)
 ``chromium``        headless Chromium: the report's PDF (and the tests' screenshots)
 ``plots``           training curves, ROC, DET and score histograms (for the screen, and for print)
 
+Using a trained model (``from svlab import SpeakerEncoder``; docs/api.md)
+``encoder``         ``SpeakerEncoder``: embeddings, cosine scores and decisions from a .pth (PyTorch) or an
+                    .onnx export (onnxruntime, torch never imported); the pretrained model's loader
+``onnx_export``     ONNX export of every network, feature settings and threshold in its metadata
+``embedding_files`` the embedding files (.npy + _index.txt) and command-line model paths, torch-free
+
+Teaching and the command line
+``lab_steps``       the handout's steps and their marked regions in the lab's files
+``student_kit``     the students' version of the project (``svlab student-kit``)
+``cli``             the ``svlab`` console script (``pip install -e .``) and ``python -m svlab``: its
+                    subcommands run the project's tools (docs/cli.md)
+
 Nothing is imported here eagerly: ``import svlab`` stays cheap, and the model files stay optional
-for modules that do not build a network.
+for modules that do not build a network. ``SpeakerEncoder`` is looked up on first use (PEP 562).
 """
+
+
+def __getattr__(name: str):
+    """``svlab.SpeakerEncoder`` / ``svlab.Verification``, imported on first use (torch-free)."""
+    if name in ("SpeakerEncoder", "Verification"):
+        import importlib
+        return getattr(importlib.import_module("svlab.encoder"), name)
+    raise AttributeError(f"module 'svlab' has no attribute {name!r}")

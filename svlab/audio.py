@@ -5,10 +5,15 @@ Unusable audio (missing, 0 bytes, truncated WAV, not audio, NaN/inf samples, sil
 more than ``features.max_seconds`` (or an absurd rate or channel count): refused before it is decoded,
 so no header can make a reader fill the memory. Stereo is averaged and other sample
 rates are resampled; ``conversion_note`` counts those conversions in one log line.
+
+A path may name a time range of a recording: ``rec.wav#t=1.5,3.25`` (seconds; ``#t=1.5,`` to the end;
+the W3C media-fragment form), e.g. a Kaldi ``segments`` line (``svlab.kaldi_data``); ``audio_range``
+writes one, ``audio_file`` gives the file it reads. A file whose name really ends that way is read whole.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +82,33 @@ def size_problem(frames: int, sr: int, channels: int, max_seconds: float | None 
     return None
 
 
+_RANGE = re.compile(r"^(?P<file>.+)#t=(?P<start>\d+(?:\.\d*)?),(?P<end>\d+(?:\.\d*)?)?$")
+
+
+def audio_range(path, start: float, end: float | None = None) -> Path:
+    """The path of seconds ``start`` to ``end`` (None: the end) of the recording ``path``."""
+    return Path(f"{path}#t={float(start)!r},{'' if end is None else repr(float(end))}")
+
+
+def split_range(path) -> tuple[Path, float, float | None]:
+    """``(file, start seconds, end seconds or None)`` of a path that may carry a ``#t=`` range."""
+    path = Path(path)
+    m = _RANGE.match(str(path))
+    if m is None or path.is_file():
+        return path, 0.0, None
+    return Path(m["file"]), float(m["start"]), float(m["end"]) if m["end"] else None
+
+
+def audio_file(path) -> Path:
+    """The file a (possibly ranged) audio path reads: for the caches' size/time/content checks."""
+    return split_range(path)[0]
+
+
 def read_audio(path: Path, sample_rate: int, min_seconds: float = 0.0,
                max_seconds: float | None = None) -> tuple[np.ndarray, int, int]:
     """``(mono float32 waveform at sample_rate, original rate, original channel count)``; see load_audio."""
-    path = Path(path)
     name = printable(path)
+    path, start, end = split_range(path)
     if not path.is_file():
         raise DataError(f"{name}: audio file not found")
     if path.stat().st_size == 0:
@@ -95,10 +122,13 @@ def read_audio(path: Path, sample_rate: int, min_seconds: float = 0.0,
         raise DataError(f"{name}: not a readable WAV/FLAC file ({one_line(e, 120)})") from None
     with f:
         sr, frames = int(f.samplerate), int(f.frames)
+        first, frames = _range_frames(name, start, end, sr, frames)
         too_big = size_problem(frames, sr, int(f.channels), max_seconds)
         if too_big:  # refused on the header's word, before a sample is decoded
             raise DataError(f"{name}: {too_big}")
         try:
+            if first:
+                f.seek(first)
             wav = f.read(frames, dtype="float32", always_2d=True)
         except Exception as e:
             raise DataError(f"{name}: not a readable WAV/FLAC file ({one_line(e, 120)})") from None
@@ -117,6 +147,23 @@ def read_audio(path: Path, sample_rate: int, min_seconds: float = 0.0,
         raise DataError(f"{name}: audio is too short ({wav.size / sample_rate:.3f} s; features.min_seconds is "
                         f"{min_seconds:g} s)")
     return np.ascontiguousarray(wav, dtype=np.float32), int(sr), int(channels)
+
+
+#: A range may end this far after the recording (rounding of the times a segmenter wrote); it is cut there.
+RANGE_TOLERANCE_S = 0.1
+
+
+def _range_frames(name: str, start: float, end: float | None, sr: int, frames: int) -> tuple[int, int]:
+    """``(first sample, samples)`` of the range ``start``..``end`` seconds of a recording of ``frames``
+    samples at ``sr`` Hz (the whole recording for 0..None); a range outside it is one DataError."""
+    if start == 0.0 and end is None:
+        return 0, frames
+    first = int(round(start * sr))
+    last = frames if end is None else int(round(end * sr))
+    if first >= frames or last > frames + RANGE_TOLERANCE_S * sr or last <= first:
+        raise DataError(f"{name}: the time range {start:g}-{'end' if end is None else f'{end:g}'} s is not within "
+                        f"the recording ({frames / sr:.2f} s long); fix the segment times")
+    return first, min(last, frames) - first
 
 
 def load_audio(path: Path, sample_rate: int, min_seconds: float = 0.0, max_seconds: float | None = None) -> np.ndarray:

@@ -15,7 +15,10 @@ Conventions (all functions):
 the ``augment:`` section of ``config.yaml`` (the one source of the defaults: ``settings`` fills the
 keys a partial dict leaves out from the shipped file); ``svlab.feature_cache.load_training_features``
 uses it to build the offline augmented copies (Kaldi x-vector recipe style) and
-``dataset.SpkTrainDataset`` applies ``spec_augment`` online to the training crops.
+``dataset.SpkTrainDataset`` applies ``spec_augment`` online to the training crops. With
+``augment.mode: online`` there are no copies: ``svlab.online_augment`` applies the same chain to each
+training crop's waveform as it is drawn, with real noise / impulse responses when given
+(``mix_at_snr``, ``apply_rir``).
 
 Note on gain: with per-utterance mean normalisation (``features.mean_norm``, the default) a constant
 gain only shifts c0 by a constant that the normalisation removes, so ``gain`` changes the waveform but
@@ -58,6 +61,8 @@ def settings(cfg_augment: dict | None) -> dict:
     ``config.yaml``'s values, so that the functions here can be called with partial dicts."""
     out = copy.deepcopy(_shipped_settings())
     out.update(cfg_augment or {})
+    if out["mode"] == "online":  # each crop is augmented as it is drawn (svlab.online_augment): no copies
+        out["copies"] = 0
     return out
 
 
@@ -171,9 +176,19 @@ def add_noise(wav: np.ndarray, rng: np.random.Generator, snr_db_range=(5, 20), k
         noise = pink_noise(n, rng)
     else:
         noise = babble_noise(n, rng, others, sr=sr)
-    p_noise = _power(noise)
-    scale = np.sqrt(p_sig / (max(p_noise, 1e-30) * 10.0 ** (target / 10.0)))
-    return (wav.astype(np.float64) + scale * noise).astype(np.float32)
+    return mix_at_snr(wav, noise, target)
+
+
+def mix_at_snr(wav: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """``wav`` plus ``noise`` (same length) scaled so that 10 log10(mean(wav^2) / mean(noise^2)) is
+    ``snr_db`` exactly (up to float32 rounding). Returns float32; a silent ``wav`` comes back unchanged.
+    ``add_noise`` mixes its generated noise with it, ``svlab.online_augment`` real noise files."""
+    wav = np.asarray(wav)
+    p_sig = _power(wav)
+    if wav.size == 0 or p_sig == 0.0:
+        return wav.astype(np.float32)
+    scale = np.sqrt(p_sig / (max(_power(noise), 1e-30) * 10.0 ** (snr_db / 10.0)))
+    return (wav.astype(np.float64) + scale * np.asarray(noise, np.float64)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- reverberation
@@ -214,12 +229,18 @@ def reverberate(wav: np.ndarray, rng: np.random.Generator, rt60_range=(0.2, 0.8)
     convolution (the direct path is at delay 0, so the speech stays aligned), rescaled to the RMS of
     ``wav`` (same level).
     """
+    return apply_rir(wav, synth_rir(rng, _uniform(rng, rt60_range), sr))
+
+
+def apply_rir(wav: np.ndarray, rir: np.ndarray) -> np.ndarray:
+    """``wav`` convolved with the impulse response ``rir`` (``scipy.signal.fftconvolve``): the first
+    ``len(wav)`` samples (a direct path at delay 0 keeps the speech aligned: ``svlab.online_augment`` cuts
+    a measured RIR to start at its peak), rescaled to the RMS of ``wav``. Returns float32."""
     wav = np.asarray(wav)
     n = wav.size
-    rir = synth_rir(rng, _uniform(rng, rt60_range), sr)
     if n == 0:
         return wav.astype(np.float32)
-    out = signal.fftconvolve(wav.astype(np.float64), rir)[:n]
+    out = signal.fftconvolve(wav.astype(np.float64), np.asarray(rir, np.float64))[:n]
     p_in, p_out = _power(wav), _power(out)
     if p_out > 0:
         out *= np.sqrt(p_in / p_out)

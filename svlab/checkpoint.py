@@ -17,17 +17,24 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 ``validation``        the speakers (and utterances) held apart from training, when any (``svlab.validation``)
 ``step_in_epoch``     / ``partial``: in ``interrupted.pth`` only, the steps of the next epoch already
                       done and their loss/accuracy sums
+``finetuned_from``    a fine-tuning run's source (``train.finetune_from``, ``finetune_config``):
+                      ``{"checkpoint", "epoch", "tag", "run_folder"}``
+``corpora``           a run on several corpora (``data.corpora``, ``svlab.manifests``): per corpus its
+                      ``name``, ``root``, ``train_manifest`` and number of ``speakers``
 
 Run folders are named here and nowhere else (``run_folder``), so are the files in them.
 """
 from __future__ import annotations
 
+import copy
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from svlab.config import PROJECT_ROOT, config_path_value, is_foreign_path, key_source
+from svlab.config import (PROJECT_ROOT, config_path_value, explicit_keys, flatten, is_foreign_path,
+                          key_source, validate)
 from svlab.errors import CheckpointError, ConfigError
 from svlab.features import FEATURE_KEYS, LEGACY_FEATURE_DEFAULTS
 from svlab.files import atomic_write
@@ -176,3 +183,82 @@ def describe_mismatch(state_config: dict, cfg: dict, sections=MISMATCH_SECTIONS,
             if not same:
                 out.append(f"{dotted}: checkpoint {a!r} vs config {b!r}")
     return out
+
+
+# --------------------------------------------------------------------------- large-margin fine-tuning
+# Loss heads whose weights are interchangeable (the same ``W``): a fine-tune may switch between them.
+MARGIN_HEADS = ("amsoftmax", "aamsoftmax")
+NOT_INHERITED = frozenset({"train.finetune_from", "test.model_path"})
+
+
+def _same_kind(value, current) -> bool:
+    if isinstance(value, bool) or isinstance(current, bool):
+        return isinstance(value, bool) and isinstance(current, bool)
+    if isinstance(current, float):
+        return isinstance(value, (int, float))
+    return type(value) is type(current)
+
+
+@dataclass
+class FinetuneSource:
+    """The checkpoint a fine-tuning run starts from: its file and its state (``load_checkpoint``)."""
+    path: Path
+    state: dict
+
+    def record(self) -> dict:
+        """What the fine-tune's checkpoints record of it (``finetuned_from``)."""
+        return {"checkpoint": str(self.path.resolve()), "epoch": int(self.state["epoch"]),
+                "tag": str(self.state.get("tag", "")), "run_folder": str(self.path.resolve().parent)}
+
+
+def finetune_config(cfg: dict, log=print) -> tuple[dict, FinetuneSource | None]:
+    """``(configuration, source)`` of a fine-tuning run (``train.finetune_from`` set;
+    ``(cfg, None)`` otherwise): a second stage that starts from the source's weights, network and loss
+    head both, e.g. a few epochs on longer crops with a larger margin.
+
+    The run continues the source's recorded configuration: every key the user did not give (in
+    ``--config`` or on the command line) is the source's; what the user gave changes it. The network
+    and the features come from the checkpoint: a given ``model.*`` or feature setting that differs is
+    refused, as is another loss head (only ``amsoftmax`` and ``aamsoftmax``, which share their
+    weights, may replace each other). The run folder must not be the source's: a fine-tune never
+    writes into the run it starts from. Each refusal is one ``ConfigError`` line naming the key."""
+    value = cfg["train"].get("finetune_from", "")
+    if not str(value or "").strip():
+        return cfg, None
+    path = config_path_value(cfg, "train.finetune_from")
+    state = load_checkpoint(path)
+    given = explicit_keys(cfg)
+    where = key_source(cfg, "train.finetune_from")
+    diff = describe_mismatch(state["config"], cfg, sections=("model", "features"), only_keys=given)
+    if diff:
+        key = diff[0].split(":")[0]
+        raise ConfigError(f"{key_source(cfg, key)}: {diff[0]}, but a fine-tune keeps the network and features of "
+                          f"its source {path}; drop the setting (they come from the checkpoint)")
+    recorded = state["config"]
+    out = {**copy.deepcopy({k: v for k, v in cfg.items() if not k.startswith("_")}),
+           "_config_path": cfg.get("_config_path"), "_sources": dict(cfg.get("_sources", {}))}
+    current = flatten({k: v for k, v in cfg.items() if not k.startswith("_")})
+    for key, v in flatten({k: v for k, v in recorded.items() if isinstance(v, dict)}).items():
+        if key in given or key in NOT_INHERITED or key not in current or not _same_kind(v, current[key]):
+            continue
+        *parents, last = key.split(".")
+        section = out
+        for part in parents:
+            section = section[part]
+        section[last] = float(v) if isinstance(current[key], float) else copy.deepcopy(v)
+    old_loss, new_loss = recorded["loss"]["type"], out["loss"]["type"]
+    if old_loss != new_loss and not {old_loss, new_loss} <= set(MARGIN_HEADS):
+        raise ConfigError(f"{key_source(cfg, 'loss.type')}: key 'loss.type' is {new_loss}, but the fine-tune source "
+                          f"{path} has a {old_loss} head, whose weights a {new_loss} head cannot take; keep "
+                          f"{old_loss}" + (" (or switch between amsoftmax and aamsoftmax)" if old_loss in MARGIN_HEADS
+                                           else ""))
+    validate(out)
+    folder, source_folder = run_folder(out), path.parent
+    if folder.resolve() == source_folder.resolve():
+        raise ConfigError(f"{where}: key 'train.finetune_from' is a checkpoint of the run folder {folder}, which "
+                          f"this run would write into; give the fine-tune its own folder, e.g. "
+                          f"--n_folder {out['train']['n_folder']}_ft")
+    log(f"fine-tuning from {path} (epoch {state['epoch']}, {state.get('tag', '?')}): its network, loss head and "
+        "settings, changed by what this run's config and command line give")
+    return out, FinetuneSource(path, state)
+

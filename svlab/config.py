@@ -241,6 +241,7 @@ XVECTOR_CONTEXT = 14  # frames the x-vector's frame layers consume (xvector.CONT
 CHOICES = {
     "model.name": ("xvector", "ecapa", "resnet34", "campplus"),
     "features.type": ("mfcc", "fbank"),
+    "features.store_check": ("content", "size"),
     "model.pooling": ("gap", "stats", "asp"),
     "loss.type": ("softmax", "amsoftmax", "aamsoftmax"),
     "train.scheduler": ("cosine", "step", "none"),
@@ -249,6 +250,7 @@ CHOICES = {
     "test.backend": ("cosine", "plda"),
     "test.score_norm": ("none", "asnorm"),
     "validation.mode": ("auto", "on", "off"),
+    "augment.mode": ("offline", "online"),
 }
 NOISE_TYPES = ("white", "pink", "babble")  # what augment.noise_types may list (svlab/augment.py makes them)
 
@@ -271,7 +273,8 @@ def validate(cfg: dict) -> None:
                               f"choose one of {', '.join(choices)}")
     positive = ["features.sample_rate", "features.n_mfcc", "features.n_mels", "features.n_fbank", "train.epochs",
                 "train.batchsize", "train.crop_frames", "model.embedding_size", "model.channels",
-                "model.stat_channels", "model.base_channels", "test.batch_size", "train.lr"]
+                "model.stat_channels", "model.base_channels", "test.batch_size", "train.lr",
+                "features.store_shard_size"]
     for key in positive:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"{src(key)}: key '{key}' must be positive, got {get_key(cfg, key)!r}")
@@ -292,6 +295,7 @@ def validate(cfg: dict) -> None:
     if "validation" in cfg:
         _validate_validation(cfg)
     _validate_paths(cfg)
+    _validate_corpora(cfg)
 
 
 def _validate_augment(cfg: dict) -> None:
@@ -307,7 +311,7 @@ def _validate_augment(cfg: dict) -> None:
     for key in ("copies", "time_masks", "max_time", "freq_masks", "max_freq"):
         if aug[key] < 0:
             fail(key, "must be 0 or more")
-    for key in ("noise_prob", "reverb_prob", "gain_prob", "speed_prob"):
+    for key in ("noise_prob", "reverb_prob", "gain_prob", "speed_prob", "online_prob"):
         if not 0.0 <= aug[key] <= 1.0:
             fail(key, "is a probability and must be between 0 and 1")
     for key in ("snr_db", "rt60", "gain_db"):
@@ -453,7 +457,7 @@ def _validate_validation(cfg: dict) -> None:
 # Windows drive or UNC path in any of them on another system, before anything is read or written.
 PATH_KEYS = ("data.root", "data.train_manifest", "test.root", "test.test_manifest", "test.trials",
              "test.model_path", "features.cache_dir", "train.save_dir", "validation.trials", "validation.manifest",
-             "validation.root")
+             "validation.root", "train.finetune_from", "augment.noise_dir", "augment.rir_dir")
 
 
 def _validate_paths(cfg: dict) -> None:
@@ -461,6 +465,44 @@ def _validate_paths(cfg: dict) -> None:
         value = get_key(cfg, dotted)
         if isinstance(value, str) and is_foreign_path(value):
             raise ConfigError(f"{key_source(cfg, dotted)}: key '{dotted}': {foreign_path_problem(value)}")
+
+
+CORPUS_KEYS = ("name", "root", "train_manifest")  # of each entry of data.corpora (svlab/manifests.py)
+
+
+def _validate_corpora(cfg: dict) -> None:
+    """Checks of ``data.corpora``: each entry a mapping of exactly ``CORPUS_KEYS`` (non-empty strings;
+    the name, which prefixes speaker names, of letters, digits, ``_.-``, unique), and no
+    ``data.root``/``data.train_manifest`` given beside it."""
+    corpora, src = cfg["data"].get("corpora") or [], key_source(cfg, "data.corpora")
+    names: set[str] = set()
+    for i, corpus in enumerate(corpora):
+        key = f"data.corpora[{i}]"
+        if not isinstance(corpus, dict):
+            raise ConfigError(f"{src}: key '{key}' must be a mapping {{name: ..., root: ..., train_manifest: ...}}, "
+                              f"got {excerpt(repr(corpus))}")
+        for k in corpus:
+            if k not in CORPUS_KEYS:
+                raise ConfigError(f"{src}: unknown key '{key}.{excerpt(str(k))}'; a corpus has "
+                                  f"{', '.join(CORPUS_KEYS)}")
+        for k in CORPUS_KEYS:
+            value = corpus.get(k)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{src}: key '{key}.{k}' must be a non-empty string (quote a number), got "
+                                  f"{excerpt(repr(value))}")
+            if k != "name" and is_foreign_path(value):
+                raise ConfigError(f"{src}: key '{key}.{k}': {foreign_path_problem(value)}")
+        name = corpus["name"]
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigError(f"{src}: key '{key}.name' is {excerpt(repr(name))}; use letters, digits, '_', '.', '-' "
+                              "(it prefixes the corpus's speaker names: NAME:SPEAKER)")
+        if name in names:
+            raise ConfigError(f"{src}: key '{key}.name' {name!r} names two corpora; give each its own name")
+        names.add(name)
+    given = [k for k in ("data.root", "data.train_manifest") if k in explicit_keys(cfg)]
+    if corpora and given:
+        raise ConfigError(f"{key_source(cfg, given[0])}: key '{given[0]}' is set beside data.corpora, which replaces "
+                          "data.root and data.train_manifest; give the training data one way")
 
 
 def config_path_value(cfg: dict, dotted: str) -> Path:

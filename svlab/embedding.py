@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from svlab.config import resolve_path
 from svlab.cpu_runtime import warm_up_vector_math
 from svlab.errors import DataError
+from svlab.embedding_files import cli_path, index_path, save_embeddings  # noqa: F401 (torch-free; used here and re-exported)
 from svlab.feature_cache import load_features
 from svlab.features import LEGACY_FEATURE_DEFAULTS, equal_length_batches, feature_signature
-from svlab.files import atomic_write
 
 
 def select_device(gpu: str | None) -> torch.device:
@@ -30,13 +29,6 @@ def select_device(gpu: str | None) -> torch.device:
     if gpu is not None:
         print(f"note: --gpu {gpu} asked for, but CUDA is not available; using the CPU")
     return torch.device("cpu")
-
-
-def cli_path(text: str) -> Path:
-    """A path given on the command line: relative to the working directory if it exists there, else
-    relative to the project folder (like config paths)."""
-    here = resolve_path(text, base=Path.cwd())
-    return here if here.exists() else resolve_path(text)
 
 
 def checkpoint_features(cfg: dict, state: dict, log=print, cache: bool = True) -> dict:
@@ -85,20 +77,12 @@ def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch
     return embed_features(model, feats, batch_size, device), kept, problems
 
 
-def index_path(out: Path) -> Path:
-    """``emb.npy`` -> ``emb_index.txt``."""
+def write_embeddings(out: Path, emb: np.ndarray, names: list[str], kaldi_at: Path | None = None, log=print) -> Path:
+    """Atomically write ``out`` (float32 .npy) and its index file (one name per row); returns the index path.
+    With ``kaldi_at`` also Kaldi's ``xvector.ark``/``.scp`` beside ``out``, the scp naming the ark in folder
+    ``kaldi_at`` (where the staged folder will be: ``svlab.kaldi_data.write_xvectors``)."""
     out = Path(out)
-    return out.with_name(out.stem + "_index.txt")
-
-
-def write_embeddings(out: Path, emb: np.ndarray, names: list[str]) -> Path:
-    """Atomically write ``out`` (float32 .npy) and its index file (one name per row); returns the index path."""
-    out = Path(out)
-
-    def write_npy(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(emb, dtype=np.float32))
-    atomic_write(out, write_npy)
-    idx = index_path(out)
-    atomic_write(idx, lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names), encoding="utf-8"))
-    return idx
+    if kaldi_at is not None:
+        from svlab.kaldi_data import write_xvectors
+        write_xvectors(out.parent, emb, names, final_folder=kaldi_at, log=log)
+    return save_embeddings(out, emb, names)

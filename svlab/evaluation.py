@@ -56,7 +56,7 @@ EVAL_INDEX = "evaluations.json"
 EVAL_PREFIX = "eval_"          # eval_<NNN>[_<trial list>]<system suffix>, next to the checkpoint
 BASELINE_PREFIX = "baseline"   # baseline_<trial list><system suffix>, in train.save_dir
 PLOTS = {"roc": "roc.png", "det": "det.png", "hist": "hist.png"}
-EMBEDDINGS = ("embeddings.npy", "embeddings_index.txt")
+EMBEDDINGS = ("embeddings.npy", "embeddings_index.txt", "xvector.ark", "xvector.scp")  # the last two: Kaldi's
 # every file an evaluation writes: anything else in an evaluation folder is the user's and is kept
 EVAL_FILES = frozenset({"scores.txt", "scores_llr.txt", "metrics.json", *PLOTS.values(), BACKEND_FILE, COHORT_FILE,
                         *EMBEDDINGS})
@@ -202,6 +202,11 @@ class TestTrials:
     def ref(self) -> TrialListRef:
         return TrialListRef(self.trials_path, self.id)
 
+    def audio_paths(self, root: Path, keys: list[str]) -> list[Path]:
+        """The audio of the test utterances ``keys`` under ``root`` (``Utterance.path``: Kaldi ids too)."""
+        of = {u.relpath: u for u in self.utterances}
+        return [of[k].path(root) for k in keys]
+
 
 def read_test_trials(cfg: dict, log=print) -> TestTrials:
     """Read ``test.trials`` and ``test.test_manifest`` (generating the demo corpus if it is the test root)."""
@@ -246,7 +251,7 @@ def checkpoint_settings(cfg: dict, state: dict, checkpoint: Path, test: TestTria
                               "is evaluated with its own model/feature settings: drop those --set/--config keys "
                               "or pick a checkpoint trained with them")
     feat_cfg = checkpoint_features(cfg, state, log)
-    note = overlap_warning(state["config"].get("data", cfg["data"])["train_manifest"], test.utterances)
+    note = overlap_warning(state["config"].get("data", cfg["data"]), test.utterances)  # a data section: any corpora
     if note:
         log(note)
     return feat_cfg
@@ -331,7 +336,7 @@ def log_details(result: dict, opts: ScoringOptions, out_dir: Path, log=print, em
             f"{result['bayes_llr_threshold_0.001']:.2f}) Cllr= {result['cllr']:.4f} minCllr= {result['min_cllr']:.4f}")
     if embeddings is not None:
         log(f"embeddings: {out_dir / EMBEDDINGS[0]} ({embeddings} rows, float32), rows listed in "
-            f"{out_dir / EMBEDDINGS[1]}")
+            f"{out_dir / EMBEDDINGS[1]}; for Kaldi: {out_dir / EMBEDDINGS[3]}")
     log(f"ROC curve: {out_dir / PLOTS['roc']}")
 
 

@@ -9,35 +9,37 @@ left out and returned (``skip``). Failures inside the process pool (``svlab.proc
 as one-line problems or one DataError, never as worker tracebacks. Feature settings no audio can be
 turned into MFCCs with are refused once, as settings (``check_settings``), before any file is read.
 
-Cache files carry a CRC-32 of every array; a truncated, bit-flipped or otherwise unreadable one is
-named in one log line, deleted and computed again (never a ``zipfile.BadZipFile`` crash), and its
-array headers cannot make the reader allocate more than the file holds.
+Cache files (``svlab.npz_cache``) carry a CRC-32 of every array; a truncated, bit-flipped or otherwise
+unreadable one is named in one log line, deleted and computed again (never a ``zipfile.BadZipFile``
+crash), and its array headers cannot make the reader allocate more than the file holds.
 
 Augmentation (``augment:`` config section, off by default): ``load_training_features`` adds offline
 augmented copies of the training utterances (``svlab.augment``: noise, reverberation, gain, speed),
 made once with a fixed seed and cached next to the clean features under a key that includes the
 augmentation settings. ``load_training_items`` gathers what ``dataset.SpkTrainDataset`` crops from.
 Test utterances are never augmented.
+
+On-disk store (``features.store``, on with a ``cache_dir``): the training features and their augmented
+copies go into ``svlab.feature_store`` (Kaldi archives in shards, written as extracted, read a crop at a
+time) instead of RAM; ``load_training_items`` then hands ``FeatureRef``s where it handed arrays.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from svlab import augment, features
-from svlab.audio import conversion_note, one_line, read_audio
+from svlab import augment, feature_store, features
+from svlab.audio import audio_file, conversion_note, one_line, read_audio
 from svlab.config import config_path_value, feature_problems, resolve_path
 from svlab.errors import ConfigError, DataError
 from svlab.features import FEATURE_KEYS, extract, feature_dim, feature_signature, feature_type
-from svlab.files import atomic_write
 from svlab.manifests import MAX_LISTED_PROBLEMS, Utterance, check_training_data
+from svlab.npz_cache import Damaged as _Damaged, check_offsets as _check_offsets
+from svlab.npz_cache import read_cache as _read_cache, write_npz as _write_npz
 from svlab.process_pool import quiet_worker, run_jobs
 from svlab.text import excerpt, printable
 
@@ -143,100 +145,11 @@ def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
         h.update(f"max_seconds={float(feat_cfg['max_seconds'])!r}\n".encode())
     for p in paths:
         try:
-            st = p.stat()
+            st = audio_file(p).stat()  # a #t= range (Kaldi segments): its recording's
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{p}\0missing\n".encode())
     return cache_dir / f"{feature_type(feat_cfg)}_{h.hexdigest()[:20]}.npz"
-
-
-# --------------------------------------------------------------------------- cache files
-class _Damaged(Exception):
-    """A cache file that cannot be used, and why."""
-
-
-def _checksum(arrays: dict) -> np.ndarray:
-    """CRC-32 of each array's name, dtype, shape and bytes, in name order."""
-    out = []
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        crc = zlib.crc32(f"{name}|{a.dtype.str}|{a.shape}".encode())
-        out.append(zlib.crc32(a.reshape(-1).view(np.uint8), crc))
-    return np.asarray(out, dtype=np.int64)
-
-
-def _write_npz(path: Path, arrays: dict) -> None:
-    """``arrays`` as an .npz file (written atomically) with their checksum."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays, checksum=_checksum(arrays))
-    atomic_write(path, write)
-
-
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    """One array of an .npz, allocating no more than the member holds (a damaged header cannot make
-    it allocate what it claims)."""
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise _Damaged(f"{info.filename}: unknown array format {version}")
-        if dtype.hasobject:
-            raise _Damaged(f"{info.filename} holds Python objects")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > info.file_size:
-            raise _Damaged(f"{info.filename} claims {nbytes} bytes in a member of {info.file_size}")
-        buf = np.empty(nbytes, dtype=np.uint8)
-        pos = 0
-        while pos < nbytes:
-            chunk = f.read(min(1 << 24, nbytes - pos))
-            if not chunk:
-                raise _Damaged(f"{info.filename} is cut short")
-            buf[pos:pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-            pos += len(chunk)
-        if f.read(1):  # reading to the end also makes zipfile check the member's CRC
-            raise _Damaged(f"{info.filename} has bytes after its array")
-    return buf.view(dtype).reshape(shape, order="F" if fortran else "C")
-
-
-def _read_cache(path: Path, names: tuple[str, ...], check, log) -> dict | None:
-    """The arrays ``names`` of a cache file, verified (sizes, checksum, then ``check(arrays)``, which
-    raises ``_Damaged``), or None: no such file, or a damaged one, which is then deleted with one line
-    naming it, so that the caller computes and writes it again."""
-    if not path.is_file():
-        return None
-    try:
-        with zipfile.ZipFile(path) as zf:
-            members = {info.filename: info for info in zf.infolist()}
-            wanted = [f"{n}.npy" for n in names]
-            if "checksum.npy" not in members and all(w in members for w in wanted):
-                raise _Damaged("it has no checksum: written by an older version")
-            if sorted(members) != sorted(wanted + ["checksum.npy"]):
-                raise _Damaged(f"it holds {excerpt(sorted(members), 120)}, not {sorted(wanted + ['checksum.npy'])}")
-            arrays = {n: _read_member(zf, members[f"{n}.npy"]) for n in names}
-            stored = _read_member(zf, members["checksum.npy"])
-        if stored.shape != (len(names),) or not np.array_equal(stored, _checksum(arrays)):
-            raise _Damaged("its checksum does not match its contents")
-        check(arrays)
-        return arrays
-    except Exception as e:  # zipfile.BadZipFile, zlib.error, OSError, ValueError, _Damaged, MemoryError, ...
-        reason = str(e) if isinstance(e, _Damaged) else f"{type(e).__name__}: {one_line(e, 120)}"
-        log(f"note: feature cache {printable(path)} is unusable ({reason}); deleted, computing it again")
-        try:
-            path.unlink()
-        except OSError:
-            pass
-        return None
-
-
-def _check_offsets(offsets: np.ndarray, count: int, data: np.ndarray, rows: int | None) -> None:
-    if (data.ndim != 2 or (rows is not None and data.shape[0] != rows) or offsets.ndim != 1
-            or len(offsets) != count + 1 or offsets[0] != 0 or offsets[-1] != data.shape[1]
-            or np.any(np.diff(offsets) < 0)):
-        raise _Damaged("its arrays do not fit together")
 
 
 def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
@@ -308,6 +221,45 @@ def _raise_audio_problems(problems: list[str], fix: str | None = None) -> None:
     shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
     more = f" (and {len(problems) - MAX_LISTED_PROBLEMS} more)" if len(problems) > MAX_LISTED_PROBLEMS else ""
     raise DataError(f"{len(problems)} unusable audio file(s): {shown}{more}. {fix or AUDIO_FIX}")
+
+
+# --------------------------------------------------------------------------- the on-disk store (training)
+def uses_store(feat_cfg: dict) -> bool:
+    """Training features go to the on-disk store (``features.store`` and a ``cache_dir``), not RAM."""
+    return bool(feat_cfg.get("cache_dir")) and bool(feat_cfg.get("store"))
+
+
+def _store_signature(feat_cfg: dict) -> dict:
+    """What the clean features depend on: the feature signature and the length limits."""
+    return {**feature_signature(feat_cfg), "min_seconds": feat_cfg.get("min_seconds", 0.0) or 0.0,
+            "max_seconds": feat_cfg.get("max_seconds")}
+
+
+def clean_store(paths: list[Path], keys: list[str], feat_cfg: dict, log=print, desc: str = "MFCC",
+                workers: int | None = None, share: tuple[int, int] = (0, 1)) -> feature_store.Store:
+    """The store of the clean features of ``paths`` (Kaldi keys ``keys``), this process's ``share`` of its
+    missing shards extracted (all of them by default)."""
+    return feature_store.ensure(resolve_path(feat_cfg["cache_dir"]), feature_type(feat_cfg), _store_signature(feat_cfg),
+                                paths, keys, _extract_one, [(p, feat_cfg) for p in paths], feat_cfg, share,
+                                prepare=lambda: check_settings(feat_cfg) or {}, log=log, workers=workers, desc=desc)
+
+
+def _stored_features(paths, keys, feat_cfg, policy, log, desc, workers, fix, share=(0, 1)):
+    """``load_features``'s ``(features, kept, problems)`` from the store: ``FeatureRef``s, not arrays (None
+    while shards of other processes are missing)."""
+    store = clean_store(paths, keys, feat_cfg, log, desc, workers, share)
+    if store.pending:
+        return None
+    problems = store.problems
+    _refuse_setting_that_fits_no_file(problems, len(paths), feat_cfg)
+    if problems and policy == "error":
+        _raise_audio_problems(problems, fix)
+    note = conversion_note(store.infos, feat_cfg["sample_rate"])
+    if note:
+        log(note)
+    refs = store.refs()
+    kept = [i for i, r in enumerate(refs) if r is not None]
+    return [refs[i][0] for i in kept], kept, problems
 
 
 # --------------------------------------------------------------------------- augmented copies
@@ -426,7 +378,8 @@ def _aug_cache_file(paths: list[Path], feat_cfg: dict, aug: dict, kept: list[int
 
 def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dict, aug_cfg: dict | None,
                            policy: str = "error", log=print, desc: str = "MFCC",
-                           workers: int | None = None, fix: str | None = None) -> TrainingFeatures:
+                           workers: int | None = None, fix: str | None = None, keys: list[str] | None = None,
+                           share: tuple[int, int] | None = None) -> TrainingFeatures | None:
     """Clean features (``load_features``, its own cache unchanged) plus the offline augmented copies.
 
     ``speakers[i]``: speaker of ``paths[i]`` (babble noise never mixes in the utterance's own speaker).
@@ -436,11 +389,20 @@ def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dic
     clean version + its ``copies`` augmented versions). The copies are computed once (in a process
     pool like the clean features) and cached next to the clean features (``features.cache_dir``) in a
     file whose key includes the augmentation settings. With augmentation off every item has one
-    version, the clean features themselves.
+    version, the clean features themselves. With ``uses_store(feat_cfg)`` both go to the on-disk store
+    (Kaldi keys ``keys``, default the paths) and the versions are ``FeatureRef``s; ``share=(rank, world)``
+    then only extracts that process's shards and returns None (``extract_training_share``).
     """
     paths = [Path(p) for p in paths]
-    feats, kept, problems = load_features(paths, feat_cfg, policy=policy, log=log, desc=desc, workers=workers,
-                                          fix=fix)
+    keys = keys or [str(p) for p in paths]
+    if uses_store(feat_cfg):
+        got = _stored_features(paths, keys, feat_cfg, policy, log, desc, workers, fix, share or (0, 1))
+        if got is None:
+            return None
+        feats, kept, problems = got
+    else:
+        feats, kept, problems = load_features(paths, feat_cfg, policy=policy, log=log, desc=desc, workers=workers,
+                                              fix=fix)
     aug = augment.settings(aug_cfg)
     factors = new_speaker_factors(aug)
     items = [(i, 1.0) for i in kept] + [(i, f) for f in factors for i in kept]
@@ -449,8 +411,13 @@ def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dic
     per_utt = aug["copies"] + len(factors) * (aug["copies"] + 1)
     cache_dir_value = feat_cfg.get("cache_dir", "")
     cache_file = (_aug_cache_file(paths, feat_cfg, aug, kept, speakers, resolve_path(cache_dir_value))
-                  if cache_dir_value else None)
+                  if cache_dir_value and not uses_store(feat_cfg) else None)
     extra = None
+    if uses_store(feat_cfg):
+        extra = _stored_copies(paths, speakers, keys, kept, feat_cfg, aug, factors, per_utt, log, desc, workers,
+                               share or (0, 1))
+        if extra is None:
+            return None
     if cache_file is not None:
         def check(z: dict) -> None:
             if z["layout"].tolist() != [len(kept), aug["copies"], len(factors)]:
@@ -492,6 +459,37 @@ def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dic
     return TrainingFeatures(versions, items, kept, problems, cache_file)
 
 
+def _stored_copies(paths, speakers, keys, kept, feat_cfg, aug, factors, per_utt, log, desc, workers, share):
+    """The augmented copies from the store (per kept file its ``per_utt`` ``FeatureRef``s, flattened), None
+    while other processes' shards are missing. Keyed on the clean store's settings, the offline
+    augmentation settings, the kept files and their speakers (the babble bank depends on them)."""
+    signature = {"features": _store_signature(feat_cfg), "augment": augment.offline_signature(aug),
+                 "speakers": hashlib.sha1(json.dumps([speakers[i] for i in kept]).encode()).hexdigest()}
+
+    def prepare() -> dict:
+        global _BABBLE_BANK
+        bank = _babble_bank(paths, speakers, kept, feat_cfg, aug)
+        _BABBLE_BANK = bank  # used directly when the jobs run in this process
+        return {"initializer": _set_babble_bank, "initargs": (bank,)}
+    saved = _BABBLE_BANK
+    try:
+        store = feature_store.ensure(resolve_path(feat_cfg["cache_dir"]), f"{feature_type(feat_cfg)}_aug", signature,
+                                     [paths[i] for i in kept], [keys[i] for i in kept], _augment_one,
+                                     [(i, paths[i], speakers[i], feat_cfg, aug, factors) for i in kept], feat_cfg,
+                                     share, prepare, log, workers, f"{desc} augmented x{aug['copies']}")
+    finally:
+        globals()["_BABBLE_BANK"] = saved
+    if store.pending:
+        return None
+    if store.problems:
+        raise DataError(f"augmenting {len(store.problems)} training file(s) failed: "
+                        f"{'; '.join(store.problems[:MAX_LISTED_PROBLEMS])}")
+    refs = store.refs()
+    if any(len(r) != per_utt for r in refs):
+        raise DataError(f"feature store {store.folder} does not fit the augmentation settings; delete it")
+    return [f for r in refs for f in r]
+
+
 # --------------------------------------------------------------------------- the training set
 @dataclass
 class TrainingItems:
@@ -516,17 +514,23 @@ class TrainingItems:
         return self.speeds is not None
 
 
+def _store_keys(utts: list) -> list[str]:
+    """The store's Kaldi keys: the manifest's relative paths without extension, ``/`` as ``-``."""
+    return [u.relpath.rsplit(".", 1)[0].replace("/", "-") for u in utts]
+
+
 def load_training_items(opts: dict, log=print) -> TrainingItems:
     """The training manifest's features with the augmented and speed copies the ``augment:`` section
     asks for; ``opts`` is the full configuration. Logs which augmentation is on and what was skipped."""
     root = config_path_value(opts, "data.root")
     utts = check_training_data(opts)
     aug = augment.settings(opts.get("augment"))
-    paths = [root / u.relpath for u in utts]
+    paths = [u.path(root) for u in utts]
     policy = opts["data"]["bad_audio"]
+    keys = _store_keys(utts)
     if augmentation_active(aug):
         tf = load_training_features(paths, [u.speaker for u in utts], opts["features"], aug,
-                                    policy=policy, log=log, desc="train MFCC", fix=TRAINING_AUDIO_FIX)
+                                    policy=policy, log=log, desc="train MFCC", fix=TRAINING_AUDIO_FIX, keys=keys)
         utterances = [utts[i] if f == 1.0 else Utterance(speed_speaker(utts[i].speaker, f), utts[i].relpath,
                                                          utts[i].line) for i, f in tf.items]
         items = TrainingItems(utterances, tf.versions, [f for _, f in tf.items], tf.problems,
@@ -536,8 +540,9 @@ def load_training_items(opts: dict, log=print) -> TrainingItems:
                if new_speaker_factors(aug) else "")
             + (", SpecAugment on crops" if aug["spec_augment"] else ""))
     else:
-        feats, kept, skipped = load_features(paths, opts["features"], policy=policy, log=log, desc="train MFCC",
-                                             fix=TRAINING_AUDIO_FIX)
+        tf = load_training_features(paths, [], opts["features"], None, policy=policy, log=log, desc="train MFCC",
+                                    fix=TRAINING_AUDIO_FIX, keys=keys)
+        feats, kept, skipped = [v[0] for v in tf.versions], tf.kept, tf.problems
         items = TrainingItems([utts[i] for i in kept], [[f] for f in feats], None, skipped,
                               {u.speaker for u in utts})
         if aug["spec_augment"]:
@@ -545,3 +550,22 @@ def load_training_items(opts: dict, log=print) -> TrainingItems:
     if items.skipped:
         log(f"warning: skipped {len(items.skipped)} unusable training file(s) (data.bad_audio: skip)")
     return items
+
+
+def extract_training_share(opts: dict, rank: int, world_size: int, barrier, log=print) -> None:
+    """torchrun: process ``rank`` of ``world_size`` extracts its share of the training store's missing
+    shards (``rank, rank + world_size, ...``), the clean ones, then (after ``barrier()``: they decide
+    which files are kept) the augmented copies; ``SpkTrainDataset`` then finds the store complete. Does
+    nothing without the store."""
+    if not uses_store(opts["features"]):
+        return
+    root = config_path_value(opts, "data.root")
+    utts = check_training_data(opts)
+    keys = _store_keys(utts)
+    paths, speakers = [root / u.relpath for u in utts], [u.speaker for u in utts]
+    clean_store(paths, keys, opts["features"], log, "train MFCC", share=(rank, world_size))
+    barrier()
+    if augmentation_active(opts.get("augment")):
+        load_training_features(paths, speakers, opts["features"], opts.get("augment"), policy=opts["data"]["bad_audio"],
+                               log=log, desc="train MFCC", fix=TRAINING_AUDIO_FIX, keys=keys, share=(rank, world_size))
+        barrier()

@@ -58,7 +58,7 @@ class _Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _unwind_on_termination():
+def _unwind_on_termination(kept: str = "nothing was written"):
     """While a pool runs: SIGTERM/SIGHUP, whose default action would kill this process at once and leave
     its workers computing on as orphans, unwind the main thread instead, so that the pool's clean-up
     stops the workers; then one line, and the process exits with status 128 + the signal number. A
@@ -83,7 +83,7 @@ def _unwind_on_termination():
     except _Terminated as e:
         signum = e.args[0]
         print(f"\n{signal.Signals(signum).name} received: feature extraction stopped, its worker processes "
-              "too; nothing was written", file=sys.stderr, flush=True)
+              f"too; {kept}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
     finally:
         for sig, old in installed.items():
@@ -115,25 +115,34 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 
 
 def run_jobs(fn, jobs: list, workers: int | None, desc: str, initializer=quiet_worker, initargs=(),
-             what: str = "feature extraction", chunksize: int = 16) -> list:
+             what: str = "feature extraction", chunksize: int = 16, on_result=None) -> list:
     """``[fn(job) for job in jobs]`` with a progress bar; in a process pool (``initializer(*initargs)``
     in each worker) when ``workers > 1`` (default: up to 8) and there are 64 jobs or more. A dying
     worker or any other pool failure is one DataError naming ``what`` failed. Whatever ends the pool early (an error,
-    Ctrl-C, SIGTERM, SIGHUP) stops its workers at once, and they die with the main process."""
+    Ctrl-C, SIGTERM, SIGHUP) stops its workers at once, and they die with the main process.
+
+    ``on_result``: called with each result, in job order, as soon as it is ready, instead of keeping
+    it (the list returned is then empty): ``svlab.feature_store`` writes each one to disk, so a corpus's
+    features never all sit in memory. It runs in the main process, inside the pool's clean-up."""
     from tqdm import tqdm
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    results: list = []
+    take = results.append if on_result is None else on_result
     if not (workers > 1 and len(jobs) >= 64):
-        return [fn(j) for j in tqdm(jobs, desc=desc, unit="utt", leave=False, file=sys.stderr)]
+        for j in tqdm(jobs, desc=desc, unit="utt", leave=False, file=sys.stderr):
+            take(fn(j))
+        return results
     import multiprocessing as mp
     from concurrent.futures.process import BrokenProcessPool
     ctx = mp.get_context("fork") if sys.platform != "win32" else None
-    with _unwind_on_termination():
+    with _unwind_on_termination("nothing was written" if on_result is None else "what was finished is kept"):
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_start_worker,
                                    initargs=(os.getpid(), initializer, initargs))
         finished = False
         try:
-            results = list(tqdm(pool.map(fn, jobs, chunksize=chunksize), total=len(jobs),
-                                desc=desc, unit="utt", leave=False, file=sys.stderr))
+            for result in tqdm(pool.map(fn, jobs, chunksize=chunksize), total=len(jobs),
+                               desc=desc, unit="utt", leave=False, file=sys.stderr):
+                take(result)
             finished = True
         except BrokenProcessPool as e:
             raise DataError(f"a {what} worker process died ({one_line(e, 160)}) during {len(jobs)} jobs; "

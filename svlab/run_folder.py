@@ -33,11 +33,13 @@ import torch
 import yaml
 
 from svlab import distributed as dd
-from svlab.checkpoint import (INTERRUPTED, describe_mismatch, epoch_checkpoint_path, final_checkpoint_name,
-                              list_epoch_checkpoints, load_checkpoint, run_folder, save_checkpoint)
+from svlab.checkpoint import (INTERRUPTED, FinetuneSource, describe_mismatch, epoch_checkpoint_path,
+                              final_checkpoint_name, list_epoch_checkpoints, load_checkpoint, run_folder,
+                              save_checkpoint)
 from svlab.config import DEFAULT_CONFIG, PROJECT_ROOT, get_key, public_config
 from svlab.errors import CheckpointError, ConfigError, FileWriteError, LabError, TrainingError
 from svlab.features import feature_signature
+from svlab.manifests import corpora_record
 from svlab.files import atomic_write, stale_temp_files
 from svlab.models import describe
 from svlab.text import excerpt, printable
@@ -328,6 +330,16 @@ def saved_validation(folder: Path) -> dict | None:
     return None if state is None else dict(state.get("validation") or {})
 
 
+def kept_validation(folder: Path, resume: bool, source: FinetuneSource | None) -> dict | None:
+    """The validation split a run must keep (``svlab.validation.prepare``'s ``stored``): on --resume the
+    checkpoint's, for a fine-tune the source's (its held-apart speakers were never trained on, and the
+    classes must be the source's), else None (a new split)."""
+    saved = saved_validation(folder) if resume else None
+    if saved is None and source is not None:
+        return dict(source.state.get("validation") or {})
+    return saved
+
+
 def keep_unreadable(files: list[tuple[Path, str]], log=print) -> None:
     """Rename unreadable checkpoints to ``<name>.unreadable``: the resumed run neither overwrites nor
     deletes them, and nothing lists them as checkpoints any more."""
@@ -432,6 +444,27 @@ class RunFolder:
             model, criterion, optimizer, scheduler, scaler)
         self.speakers = list(speakers)
         self.validation: dict | None = None  # the held-apart speakers (svlab.validation), saved with every state
+        self.source: FinetuneSource | None = None  # train.finetune_from: the checkpoint a fine-tune starts from
+        self.finetuned_from: dict | None = None    # ... as its checkpoints record it
+
+    def start(self) -> tuple[list[dict], int, int, None]:
+        """A run that is not resumed: from scratch, or a fine-tune from ``self.source``, whose network and
+        loss head weights are loaded exactly (a ``TrainingError`` when its classes are other speakers);
+        returns ``resume``'s tuple for epoch 1."""
+        if self.source is not None:
+            path, state = self.source.path, self.source.state
+            if state["speakers"] != self.speakers:
+                ours, theirs = set(self.speakers), set(state["speakers"])
+                odd = sorted(ours ^ theirs)
+                what = (f"e.g. {printable(odd[0])} is only in {'this run' if odd[0] in ours else 'the source'}" if odd
+                        else "in another order")
+                raise TrainingError(f"train.finetune_from: {path} was trained on {len(theirs)} speakers, this run's "
+                                    f"data has {len(ours)} ({what}); a fine-tune continues the same classes: train on "
+                                    f"the source's data (data.*), or train a new model")
+            self.model.load_state_dict(state["model_state"])
+            self.criterion.load_state_dict(state["loss_state"])
+            self.finetuned_from = self.source.record()
+        return [], 1, 0, None
 
     def resume(self) -> tuple[list[dict], int, int, dict | None]:
         """Load the newest resumable state into the modules, optimiser, scheduler and scaler; returns
@@ -440,8 +473,9 @@ class RunFolder:
         cfg, log = self.cfg, self.log
         path, state, unreadable = resume_point(self.path)
         if state is None:
-            log(f"note: --resume but {self.path} has no checkpoint; starting from scratch")
-            return [], 1, 0, None
+            log(f"note: --resume but {self.path} has no checkpoint; starting "
+                + ("from the fine-tune source" if self.source else "from scratch"))
+            return self.start()
         if state["speakers"] != self.speakers:
             raise TrainingError(f"{path} was trained on other speakers than {cfg['data']['train_manifest']}; "
                                 "resume with the same manifest or start a new --n_folder")
@@ -453,6 +487,7 @@ class RunFolder:
             keep_unreadable(unreadable, log)
         self.model.load_state_dict(state["model_state"])
         self.criterion.load_state_dict(state["loss_state"])
+        self.finetuned_from = state.get("finetuned_from")
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
         if "scaler_state" in state and self.scaler.is_enabled():
@@ -495,6 +530,8 @@ class RunFolder:
             "speakers": list(self.speakers), "history": history, "tag": describe(cfg["model"], cfg["loss"]),
             **({"scaler_state": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
             **({"validation": self.validation} if self.validation else {}),
+            **({"finetuned_from": self.finetuned_from} if self.finetuned_from else {}),
+            **({"corpora": corpora_record(cfg, self.speakers)} if cfg["data"].get("corpora") else {}),
         }
 
     def save_interrupted(self, epoch: int, step: int, partial: dict, history: list[dict]) -> None:

@@ -31,7 +31,7 @@ from svlab.config import CHOICES, is_foreign_path, load_config, resolve_path
 from svlab.demo_corpus import ensure_demo_corpus
 from svlab.errors import BackendError, ConfigError
 from svlab.files import atomic_write
-from svlab.manifests import check_root, read_manifest
+from svlab.manifests import check_root, read_corpora, read_manifest, training_roots
 
 BACKEND_FILE = "backend.npz"
 COHORT_FILE = "cohort.npz"
@@ -137,8 +137,8 @@ def training_embeddings(data: dict, embed_paths, utts_per_speaker: int, log=prin
     """Whole-utterance embeddings of the training manifest (``utts_per_speaker`` each, 0 = all) and the
     speaker of each row. ``embed_paths(paths, bad_audio_policy) -> (embeddings, indices of the usable paths)``."""
     root, manifest = resolve_path(data["root"]), resolve_path(data["train_manifest"])
-    ensure_demo_corpus(data["root"], log=log)
-    utts = read_manifest(manifest, key="data.train_manifest")
+    ensure_demo_corpus(*training_roots(data), log=log)
+    utts = read_corpora(data["corpora"]) if data.get("corpora") else read_manifest(manifest, key="data.train_manifest")
     if utts_per_speaker > 0:
         count: dict[str, int] = {}
         kept = []
@@ -149,7 +149,7 @@ def training_embeddings(data: dict, embed_paths, utts_per_speaker: int, log=prin
         utts = kept
     check_root(root, utts, "data.root", manifest)
     t0 = time.perf_counter()
-    emb, kept_idx = embed_paths([root / u.relpath for u in utts], data.get("bad_audio", "error"))
+    emb, kept_idx = embed_paths([u.path(root) for u in utts], data.get("bad_audio", "error"))
     speakers = np.array([utts[i].speaker for i in kept_idx])
     log(f"training-set embeddings for the back-end: {len(emb)} utterances of {len(set(speakers.tolist()))} "
         f"speakers ({time.perf_counter() - t0:.1f}s)")

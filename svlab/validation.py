@@ -226,9 +226,9 @@ def prepare(cfg: dict, dataset, stored: dict | None = None, is_main: bool = True
         return _given_list(cfg, state, log)
     relpaths = utts
     speaker_of = {u.relpath: u.speaker for u in usable}
-    root = config_path_value(cfg, "data.root")
-    feats, kept, _ = load_features([root / r for r in relpaths], cfg["features"], policy="skip", log=log,
-                                   desc="validation MFCC")
+    root, audio_of = config_path_value(cfg, "data.root"), {u.relpath: u for u in usable}
+    paths = [audio_of[r].path(root) if r in audio_of else root / r for r in relpaths]  # Kaldi ids: their audio
+    feats, kept, _ = load_features(paths, cfg["features"], policy="skip", log=log, desc="validation MFCC")
     names = [speaker_of.get(relpaths[i], "?") for i in kept]
     return _validator(cfg, state, feats, names, log)
 
@@ -265,13 +265,13 @@ def _given_list(cfg: dict, state: dict | None, log) -> Validator:
     root = config_path_value(cfg, "validation.root" if v["root"] else "data.root")
     trials = read_trials(trials_path, key="validation.trials", source=key_source(cfg, "validation.trials"))
     utts = read_manifest(manifest, key="validation.manifest", source=key_source(cfg, "validation.manifest"))
-    speaker_of = {u.relpath: u.speaker for u in utts}
+    speaker_of, audio_of = {u.relpath: u.speaker for u in utts}, {u.relpath: u for u in utts}
     needed = trial_utterances(trials, set(speaker_of), trials_path, manifest)
     _warn_overlap(cfg, trials_path, [speaker_of[r] for r in needed], log)
     if len(trials) > v["max_trials"]:
         pick = np.sort(np.random.default_rng(v["seed"]).choice(len(trials), size=v["max_trials"], replace=False))
         trials = [trials[i] for i in pick]
-    feats, kept, _ = load_features([root / r for r in needed], cfg["features"], policy="error", log=log,
+    feats, kept, _ = load_features([audio_of[r].path(root) for r in needed], cfg["features"], policy="error", log=log,
                                    desc="validation MFCC")
     index = {needed[i]: j for j, i in enumerate(kept)}
     a = np.array([index[t.enroll] for t in trials], dtype=np.int64)

@@ -255,7 +255,7 @@ def test_augmentation_off_is_byte_identical_to_the_plain_path(make_config, tmp_p
 
 def test_copies_are_cached_with_the_clean_features_and_all_used(make_config, tmp_path, monkeypatch):
     plain = dataset.SpkTrainDataset(make_config(tmp_path / "plain"), log=quiet)
-    cfg = make_config(tmp_path / "aug", {"augment.copies": 2})
+    cfg = make_config(tmp_path / "aug", {"augment.copies": 2, "features.store": False})  # the npz caches
     ds = dataset.SpkTrainDataset(cfg, log=quiet)
     n = len(plain)
     assert len(ds) == n and ds.labels == plain.labels and ds.speakers == plain.speakers  # epoch length unchanged

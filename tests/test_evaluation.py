@@ -277,9 +277,10 @@ def test_verify_uses_last_evaluation_even_with_out(evrun, tmp_path, capsys):
     c = evrun["corpus"] / "S0009" / "S0009W0002.wav"
     res2 = verify.verify(evrun["cfg"], evrun["ckpt"], [a, c], [b], out=_silent)
     state = torch.load(evrun["ckpt"], weights_only=True)
+    from svlab.embedding import checkpoint_features, embed_files
     from svlab.models import model_from_checkpoint
-    feat = extract.checkpoint_features(evrun["cfg"], state, _silent, cache=False)
-    e, _, _ = extract.embed_files(model_from_checkpoint(state), [a, c, b], feat, log=_silent)
+    feat = checkpoint_features(evrun["cfg"], state, _silent, cache=False)
+    e, _, _ = embed_files(model_from_checkpoint(state), [a, c, b], feat, log=_silent)
     e = e / np.linalg.norm(e, axis=1, keepdims=True)
     en = e[:2].mean(axis=0)
     assert res2["score"] == pytest.approx(float(en @ e[2] / np.linalg.norm(en)), abs=1e-5)

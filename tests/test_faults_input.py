@@ -211,7 +211,7 @@ def test_damaged_feature_cache_is_named_deleted_and_rebuilt(tmp_path, monkeypatc
 
 def test_damaged_augmented_copy_cache_is_rebuilt(tmp_path):
     paths = _wavs(tmp_path / "audio", 4)
-    feat = _feat_cfg(tmp_path)
+    feat = _feat_cfg(tmp_path, store=False)  # the .npz cache (the store's damage: tests/test_feature_store.py)
     aug = {"copies": 1, "noise_types": ["white"], "reverb_prob": 0.0}
     first = feature_cache.load_training_features(paths, ["A", "A", "B", "B"], feat, aug, log=quiet, workers=1)
     raw = first.cache_file.read_bytes()

@@ -8,6 +8,8 @@ the rules hold for lazy imports too:
   (``dataset.py``) never import each other or a command;
 - the library package ``svlab`` never imports a command or ``dataset.py``; only ``svlab.models``
   knows the model files;
+- ``svlab.cli`` (the ``svlab`` console script) and ``svlab.__main__`` are the package's command layer:
+  nothing else imports them, and they reach the tools only by running their files, never by import;
 - no import cycle, at module level.
 """
 from __future__ import annotations
@@ -25,12 +27,14 @@ from svlab import config, models
 LAB_COMMANDS = {"train", "EER"}
 MODEL_FILES = {"xvector", "ecapa", "pooling", "loss"}
 DATA_LAYER = {"dataset"}
+PACKAGE_COMMANDS = {"svlab.cli", "svlab.__main__"}  # the console script; it runs tools/*.py by path
 TOP_LEVEL = {  # the handout's files and what a project needs at its root (README: "What is where")
     "config.yaml", "train.py", "EER.py", "xvector.py", "ecapa.py", "pooling.py", "loss.py", "dataset.py",
     "files", "saved_model", "requirements.txt", "requirements-dev.txt", "README.md", "tests", "recipes",
     "results", "scripts", "docs", "svlab", "tools", "pyproject.toml", "autograde",
 }
-GENERATED = {"data", "bench_results", "__pycache__"}  # made by the programs, ignored by git
+GENERATED = {"data", "bench_results", "__pycache__",   # made by the programs, ignored by git
+             "build", "svlab.egg-info"}                # and by a (non-editable) `pip install .`
 MARKER = "# =====> code <====="
 MAX_LINES = 600
 
@@ -101,6 +105,15 @@ def test_library_imports_no_command_and_only_models_knows_the_model_files(graph)
             assert not deps & (cmds | DATA_LAYER), (m, sorted(deps & (cmds | DATA_LAYER)))
             if m != "svlab.models":
                 assert not deps & MODEL_FILES, (m, sorted(deps & MODEL_FILES))
+
+
+def test_the_console_script_is_a_command_layer_that_imports_no_tool(graph):
+    cmds = commands(source_modules())
+    importers = {m: sorted(deps & PACKAGE_COMMANDS) for m, deps in graph.items()
+                 if deps & PACKAGE_COMMANDS and m not in PACKAGE_COMMANDS}
+    assert not importers, f"only svlab/__main__.py may import the command layer: {importers}"
+    for m in PACKAGE_COMMANDS:
+        assert not graph[m] & (cmds | DATA_LAYER | MODEL_FILES), (m, sorted(graph[m] & (cmds | DATA_LAYER)))
 
 
 def test_no_import_cycle(graph):

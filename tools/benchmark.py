@@ -4,6 +4,7 @@
     python tools/benchmark.py --quick --json /tmp/smoke.json         # smoke mode (small sizes)
     python tools/benchmark.py --runs 7 --threads 4 --json out.json   # more repetitions, 4 torch threads
     python tools/benchmark.py --gpu --json bench_results/gpu.json    # training/embedding on CUDA (autocast)
+    python tools/benchmark.py --memory 1,4,16 --json mem.json        # train.py's peak RSS and crops/s vs corpus size
 
 Everything runs on a small synthetic corpus generated into a temporary folder (``demo_corpus``), so
 the numbers do not depend on the data you have. The model, loss and feature settings are those of
@@ -160,6 +161,10 @@ stats                           per measurement: ``median``, ``min``, ``max``, `
                                 ``n`` and the raw ``samples`` (rates per run)
 ==============================  =========================================================================
 
+Per model (``--models``, default all; ``--models_only`` runs just this): ``models`` and ``models_*``, the
+training step and embedding throughput of the x-vector, ECAPA-TDNN, ResNet34 and CAM++ in fp32 and bf16
+with their FLOPs against the best dense kernel measured; every key is listed in ``tools/bench/models.py``.
+
 Also recorded: ``torch_version``, ``python_version``, ``librosa_version``, ``numpy_version``,
 ``threads`` (torch intra-op threads; subprocesses get ``OMP_NUM_THREADS`` = this), ``device``,
 ``device_name``, ``amp_dtype`` (``train.amp`` on this device; null: fp32), ``matmul_dtype``,
@@ -193,7 +198,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project folder: svlab and the lab's files
 
-from bench import data, kernels, training  # noqa: E402  (tools/, this file's folder, is on sys.path)
+from bench import data, kernels, memory, models, training  # noqa: E402  (tools/, this file's folder, is on sys.path)
 from bench.system import (cpu_model, loadavg, package_version, peak_rss_mb, quiet,  # noqa: E402
                           summarize)
 from svlab import config as config_mod  # noqa: E402
@@ -299,6 +304,10 @@ class Bench:
             "loadavg_start": loadavg(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         cpu_runtime.warm_up_vector_math()  # as train.py and EER.py do
+        if args.models_only:  # the per-model section alone (bench.models): no corpus needed
+            self.section("models", models.measure_models)
+            self.result.update(stats=self.stats, errors=self.errors, loadavg_end=loadavg())
+            return self.result
         self.section("corpus", Bench.make_corpus)
         if self.corpus is None:
             raise RuntimeError(f"could not generate the benchmark corpus: {self.errors.get('corpus')}")
@@ -313,6 +322,7 @@ class Bench:
             self.section("compiled", training.measure_compiled)
         self.section("embedding", data.measure_embedding)
         self.section("scoring", data.measure_scoring)
+        self.section("models", models.measure_models)  # after the matmul and bf16 sections: reuses their peaks
         if not args.skip_first_epoch:
             self.section("first_epoch", data.measure_first_epoch)
         add_ratios(self.result)
@@ -448,6 +458,7 @@ def format_table(r: dict) -> str:
                  f"device {r.get('device')} ({r.get('device_name')}) | {r.get('threads')} threads | "
                  f"torch {r.get('torch_version')} | load {r.get('loadavg_start')} -> {r.get('loadavg_end')}")
     lines.append(f"timed step: {r.get('train_step_source')}")
+    lines.append(models.format_models(r))  # the per-model table (bench.models), when measured
     if r.get("errors"):
         lines.append("ERRORS: " + "; ".join(f"{k}: {v}" for k, v in r["errors"].items()))
     return "\n".join(lines)
@@ -465,7 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip_first_epoch", action="store_true", help="leave out the train.py cold-start runs")
     ap.add_argument("--compile", action="store_true",
                     help="also time the reference loop with torch.compile (needs a C++ compiler on the CPU)")
+    ap.add_argument("--models", default="all", help="networks of the per-model section (tools/bench/models.py), "
+                    "comma-separated: xvector,ecapa,resnet34,campplus; all (default) or none")
+    ap.add_argument("--models_only", action="store_true", help="run only the per-model section")
     ap.add_argument("--keep", default=None, help="keep the generated corpus and runs in this folder (default: temp)")
+    ap.add_argument("--memory", default=None, metavar="SCALES",
+                    help="only train.py's memory and crops/s on demo corpora of these sizes, e.g. 1,4,16 "
+                         "(tools/bench/memory.py; docs/large_corpora.md)")
     return ap
 
 
@@ -506,8 +523,9 @@ def main(argv=None) -> int:
         cleanup = tempfile.TemporaryDirectory(prefix="speaker_bench_")
         workdir = Path(cleanup.name)
     try:
-        result = Bench(args, workdir).run()
-        print(format_table(result))
+        result = memory.run_mode(args, workdir) if args.memory else Bench(args, workdir).run()
+        if not args.memory:
+            print(models.format_models(result) if args.models_only else format_table(result))
         if args.json:
             out = Path(args.json)
             text = json.dumps(result, indent=1, allow_nan=False, default=str) + "\n"

@@ -2,11 +2,17 @@
 
     python tools/extract.py --checkpoint saved_model/000/checkpoint_030.pth --list files.txt --out emb.npy
     python tools/extract.py --list files.txt --root F:/DataSet/Aishell/ALL --out emb.npy   # test.model_path
+    python tools/extract.py --checkpoint model.onnx --list files.txt --out emb.npy   # onnxruntime, no torch
+    python tools/extract.py --pretrained --list files.txt --out emb.npy              # svlab/pretrained/
 
 ``files.txt`` lists one audio path per line, relative to ``--root`` (default: the folder the list is
 in) or absolute. Any sample rate and mono or stereo: audio is averaged to mono and resampled to the
 rate the model was trained at. Writes ``emb.npy`` (float32, one row per listed file, in list order)
 and ``emb_index.txt`` (the path of each row, as written in the list).
+
+With an ``.onnx`` model (``tools/export.py``) only numpy, soundfile, librosa and onnxruntime are
+imported, never torch, and no config file is read; torch is imported on the ``.pth`` path only.
+Embeddings are raw (not length-normalised).
 
 ``--out`` may replace only an earlier output of this command (a float32 ``.npy`` with its
 ``_index.txt`` of as many lines); the list, the checkpoint, the config, a listed audio file or any
@@ -21,14 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project folder: svlab and the lab's files
 
-from svlab.checkpoint import load_checkpoint  # noqa: E402
-from svlab.config import config_path_value, load_config, parse_override, resolve_path  # noqa: E402
-from svlab.embedding import (checkpoint_features, cli_path, embed_files, index_path, select_device,  # noqa: E402
-                             write_embeddings)
-from svlab.errors import DataError, LabError  # noqa: E402
+from svlab.config import resolve_path  # noqa: E402
+from svlab.embedding_files import index_path, save_embeddings  # noqa: E402
+from svlab.encoder import add_model_arguments, command_encoder, command_model, is_onnx  # noqa: E402
+from svlab.errors import DataError  # noqa: E402
 from svlab.files import npy_header, refuse_overwrite, shown  # noqa: E402
-from svlab.models import model_from_checkpoint  # noqa: E402
-from svlab.text import printable  # noqa: E402
+from svlab.guard import run_command, say  # noqa: E402
 
 
 def read_list(list_path: Path, root: Path | None = None) -> tuple[list[str], list[Path]]:
@@ -72,7 +76,7 @@ def check_out(out: Path, inputs: list[tuple[str, Path]]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Embed a list of audio files with a trained checkpoint.")
-    ap.add_argument("--checkpoint", default=None, help="checkpoint file (default: test.model_path)")
+    add_model_arguments(ap)
     ap.add_argument("--list", required=True, help="text file: one audio path per line")
     ap.add_argument("--root", default=None, help="folder relative list paths start from (default: the list's folder)")
     ap.add_argument("--out", required=True, help="output .npy (float32, one row per listed file)")
@@ -83,31 +87,41 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def embed_pth(ckpt: Path, cfg: dict, paths: list[Path], gpu, batch_size: int | None):
+    """The PyTorch path (torch imported here): embeddings of ``paths`` with checkpoint ``ckpt``."""
+    from svlab.checkpoint import load_checkpoint
+    from svlab.embedding import checkpoint_features, embed_files, select_device
+    from svlab.models import model_from_checkpoint
+    state = load_checkpoint(ckpt)
+    device = select_device(gpu)
+    feat_cfg = checkpoint_features(cfg, state, cache=False)
+    model = model_from_checkpoint(state, device)
+    return embed_files(model, paths, feat_cfg, batch_size or cfg["test"]["batch_size"], device)[0]
+
+
+def run(args: argparse.Namespace) -> Path:
+    ckpt, cfg = command_model(args)
+    list_path = resolve_path(args.list, base=Path.cwd())
+    entries, paths = read_list(list_path, resolve_path(args.root, base=Path.cwd()) if args.root else None)
+    out = resolve_path(args.out, base=Path.cwd())
+    inputs = [("the audio list given with --list", list_path), ("the model", ckpt),
+              ("the config file", (cfg or {}).get("_config_path"))]
+    inputs += [("an audio file of the list", p) for p in paths]
+    check_out(out, inputs)                     # before any work
+    if ckpt is not None and not is_onnx(ckpt):
+        emb = embed_pth(ckpt, cfg, paths, args.gpu, args.batch_size)
+    else:                                      # onnxruntime (or the pretrained model): no torch, no config
+        enc = command_encoder(ckpt, log=say)
+        emb = enc.embed(paths, batch_size=args.batch_size or 64)
+    check_out(out, inputs)                     # again: embedding may have taken long
+    idx = save_embeddings(out, emb, entries)
+    say(f"{len(emb)} embeddings of size {emb.shape[1]} -> {shown(out)} (rows listed in {shown(idx)})")
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, dict(parse_override(s) for s in args.set))
-        ckpt = cli_path(args.checkpoint) if args.checkpoint else config_path_value(cfg, "test.model_path")
-        list_path = resolve_path(args.list, base=Path.cwd())
-        entries, paths = read_list(list_path, resolve_path(args.root, base=Path.cwd()) if args.root else None)
-        out = resolve_path(args.out, base=Path.cwd())
-        inputs = [("the audio list given with --list", list_path), ("the checkpoint", ckpt),
-                  ("the config file", cfg.get("_config_path"))]
-        inputs += [("an audio file of the list", p) for p in paths]
-        check_out(out, inputs)                     # before any work
-        state = load_checkpoint(ckpt)
-        device = select_device(args.gpu)
-        feat_cfg = checkpoint_features(cfg, state, cache=False)
-        model = model_from_checkpoint(state, device)
-        emb, _, _ = embed_files(model, paths, feat_cfg, args.batch_size or cfg["test"]["batch_size"], device)
-        check_out(out, inputs)                     # again: embedding may have taken long
-        idx = write_embeddings(out, emb, entries)
-    except LabError as e:
-        print(f"error: {printable(e)}", file=sys.stderr)
-        return 2
-    print(f"{len(emb)} embeddings of size {emb.shape[1]} -> {shown(out)} (rows listed in {shown(idx)})")
-    return 0
-
+    return run_command(lambda: run(args))  # error: one line, exit 2; Ctrl-C / SIGTERM: one line, exit 130
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,8 +26,9 @@ from svlab.config import DEFAULT_CONFIG, FILES_DIR, resolve_path  # noqa: E402
 from svlab.corpora import DUPLICATE_POLICIES, TEST_NAME, TRAIN_NAME, TRIALS_NAME  # noqa: E402
 from svlab.corpora_config import CONFIG_KEYS, check_config_target, config_snippet, write_config  # noqa: E402
 from svlab.corpora_split import prepare, prepare_eval_only  # noqa: E402
-from svlab.errors import LabError, OutputError, PrepareError  # noqa: E402
+from svlab.errors import OutputError, PrepareError  # noqa: E402
 from svlab.files import shown  # noqa: E402
+from svlab.guard import run_command  # noqa: E402
 from svlab.text import printable  # noqa: E402
 
 EPILOG = """examples:
@@ -77,7 +78,7 @@ def _at_least_two(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python tools/prepare_data.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Find a speaker corpus's layout under --root, choose disjoint training and test speakers "
                     "(seeded), and write split_train_set.txt, test_set.txt and trials.txt for train.py / EER.py.")
     ap.add_argument("--root", required=True,
@@ -114,42 +115,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        root = Path(os.path.abspath(resolve_path(args.root, base=Path.cwd())))
-        out = Path(os.path.abspath(resolve_path(args.out, base=Path.cwd()))) if args.out else FILES_DIR
-        config_target = (Path(os.path.abspath(resolve_path(args.write_config, base=Path.cwd())))
-                         if args.write_config else None)
-        inputs = [("the --write_config file", config_target)] if config_target else []
-        if args.eval_only:
-            if not args.out:
-                raise PrepareError("--eval_only needs --out (a folder of its own, so files/ keeps its manifests)")
-            prepare_eval_only(root, out, seed=args.seed, test_utts_per_speaker=args.test_utts_per_speaker,
-                              max_trials=args.max_trials, duplicates=args.duplicates, inputs=inputs)
-            return 0
-        if config_target and not args.dry_run:     # before any work: the config must be editable
-            _config_is_not_a_manifest(config_target, out)
-            check_config_target(config_target)
-        summary = prepare(root, out, seed=args.seed, train_speakers=args.train_speakers,
-                          utts_per_speaker=args.utts_per_speaker, test_speakers=args.test_speakers,
-                          test_utts_per_speaker=args.test_utts_per_speaker, max_trials=args.max_trials,
-                          extract=args.extract, dry_run=args.dry_run, duplicates=args.duplicates, inputs=inputs)
-        if "config" not in summary:
-            return 0
-        values = summary["config"]
-        if out == FILES_DIR and not args.dry_run and config_target != DEFAULT_CONFIG:
-            print(f"note: {shown(FILES_DIR)} held the demo corpus's manifests; point config.yaml at the new data "
-                  "(keys below) or restore the demo's manifests with: python tools/demo_corpus.py --files files")
-        if args.write_config and not args.dry_run:
-            write_config(config_target, values)
-            print(f"set {', '.join(CONFIG_KEYS)} in {shown(config_target)}")
-        else:
-            where = "config.yaml (or a user config for --config)"
-            print(f"set these keys in {where}, or run again with --write_config:")
-            print(printable(config_snippet(values)))
-    except LabError as e:
-        print(f"error: {printable(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args))  # error: one line, exit 2; Ctrl-C / SIGTERM: one line, exit 130
+
+
+def run(args: argparse.Namespace) -> None:
+    """The work of one run: the manifests (or --eval_only's), then the config keys to set."""
+    root = Path(os.path.abspath(resolve_path(args.root, base=Path.cwd())))
+    out = Path(os.path.abspath(resolve_path(args.out, base=Path.cwd()))) if args.out else FILES_DIR
+    config_target = (Path(os.path.abspath(resolve_path(args.write_config, base=Path.cwd())))
+                     if args.write_config else None)
+    inputs = [("the --write_config file", config_target)] if config_target else []
+    if args.eval_only:
+        if not args.out:
+            raise PrepareError("--eval_only needs --out (a folder of its own, so files/ keeps its manifests)")
+        prepare_eval_only(root, out, seed=args.seed, test_utts_per_speaker=args.test_utts_per_speaker,
+                          max_trials=args.max_trials, duplicates=args.duplicates, inputs=inputs)
+        return
+    if config_target and not args.dry_run:     # before any work: the config must be editable
+        _config_is_not_a_manifest(config_target, out)
+        check_config_target(config_target)
+    summary = prepare(root, out, seed=args.seed, train_speakers=args.train_speakers,
+                      utts_per_speaker=args.utts_per_speaker, test_speakers=args.test_speakers,
+                      test_utts_per_speaker=args.test_utts_per_speaker, max_trials=args.max_trials,
+                      extract=args.extract, dry_run=args.dry_run, duplicates=args.duplicates, inputs=inputs)
+    if "config" not in summary:
+        return
+    values = summary["config"]
+    if out == FILES_DIR and not args.dry_run and config_target != DEFAULT_CONFIG:
+        print(f"note: {shown(FILES_DIR)} held the demo corpus's manifests; point config.yaml at the new data "
+              "(keys below) or restore the demo's manifests with: python tools/demo_corpus.py --files files")
+    if args.write_config and not args.dry_run:
+        write_config(config_target, values)
+        print(f"set {', '.join(CONFIG_KEYS)} in {shown(config_target)}")
+    else:
+        where = "config.yaml (or a user config for --config)"
+        print(f"set these keys in {where}, or run again with --write_config:")
+        print(printable(config_snippet(values)))
 
 
 def _config_is_not_a_manifest(config_target: Path, out: Path) -> None:

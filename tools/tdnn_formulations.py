@@ -45,8 +45,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project folder: svlab and the lab's files
 
 from svlab import cpu_runtime  # noqa: E402
-from svlab.errors import LabError  # noqa: E402
 from svlab.files import atomic_write, json_with_keys, refuse_overwrite  # noqa: E402
+from svlab.guard import run_command  # noqa: E402
 from pooling import GlobalAveragePooling  # noqa: E402
 from xvector import FRAME_LAYERS, Xvector  # noqa: E402
 
@@ -235,12 +235,14 @@ def main(argv=None) -> int:
                     choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode for the compiled variants (default: PyTorch's)")
     args = ap.parse_args(argv)
+    # error: one line, exit 2; Ctrl-C / SIGTERM: one line, exit 130
+    return run_command(lambda: run(args), lambda: "interrupted; no --json file was written")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check the formulations, time them, print the table and write --json."""
     if args.json:
-        try:
-            check_json_out(Path(args.json))        # before the timings
-        except LabError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        check_json_out(Path(args.json))        # before the timings
     names = ["conv1d", "matmul"] + (["conv1d_compiled", "matmul_compiled"] if args.compile else [])
     cpu_runtime.warm_up_vector_math()  # as train.py does
     cpu_runtime.keep_freed_memory()  # as train.py does by default
@@ -262,14 +264,9 @@ def main(argv=None) -> int:
     result["formulations"] = timings
     if args.json:
         text = json.dumps(result, indent=1) + "\n"
-        try:
-            check_json_out(Path(args.json))
-            atomic_write(Path(args.json), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        except LabError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        check_json_out(Path(args.json))
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(text, encoding="utf-8"))
         print(f"results written to {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,277 @@
+"""Memory against corpus size (``python tools/benchmark.py --memory``): ``train.py`` on demo corpora of
+1x, 4x and 16x the demo's training utterances, each trained for one epoch twice (the first run extracts
+the features, the second reads them from the cache or store), with the on-disk store
+(``features.store: true``) and, for comparison, the in-memory path (``features.store: false``).
+
+The larger corpora repeat the 1x corpus's audio under new speaker names (``x<k>/`` folders of hard
+links, or copies where links are impossible): the same utterance lengths, the same extraction work per
+utterance, no hours of synthesis. Per run it records the peak RSS of the ``train.py`` process
+(``VmHWM`` from ``/proc``, polled while it runs), the largest peak among it and every process it
+started (``getrusage(RUSAGE_CHILDREN)`` in a wrapper process: the extraction workers), the seconds to
+features ready and of the epoch, and training crops per second (the epoch's items / its seconds).
+Validation is off so that an epoch is training alone; the network is a narrow x-vector (``MODEL``).
+Then, in this process and interleaved (A-B-A-B, so that a busy machine slows both alike), the crops per
+second of the input path alone (``SpkTrainDataset`` + ``DataLoader``, no model) from each scale's store
+against the 1x in-memory path: the part of a training step the store changes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.system import PROJECT, SUBPROCESS_TIMEOUT_S, subprocess_env, vm_hwm_mb
+
+# Runs train.py (argv) as its child and prints the largest peak RSS among its descendants (KiB on Linux).
+WRAPPER = ("import resource, subprocess, sys\n"
+           "rc = subprocess.call(sys.argv[1:])\n"
+           "print('CHILDREN_MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)\n"
+           "sys.exit(rc)\n")
+
+
+def scaled_corpus(root: Path, manifest: Path, out: Path, factor: int) -> Path:
+    """A training manifest of ``factor`` times the utterances of ``manifest``: copy ``k`` of every
+    file as ``x<k>/<relpath>`` under ``out`` (a hard link), spoken by speaker ``<speaker>x<k>``. Returns
+    the manifest's path (``out/train_<factor>x.txt``); ``out`` is then the corpus root."""
+    lines = [ln.split(maxsplit=1) for ln in manifest.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rows = []
+    for k in range(factor):
+        for spk, rel in lines:
+            dst = out / f"x{k}" / rel
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(root / rel, dst)
+                except OSError:
+                    shutil.copyfile(root / rel, dst)
+            rows.append(f"{spk}x{k} x{k}/{rel}")
+    path = out / f"train_{factor}x.txt"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def run_train(root: Path, manifest: Path, cache_dir: Path, save_dir: Path, store: bool, threads: int,
+              extra: tuple = ()) -> dict:
+    """One ``train.py --epochs 1``; its peak memory, timings and crops per second."""
+    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-u", str(PROJECT / "train.py"), "--epochs", "1",
+           "--n_folder", f"m{time.monotonic_ns()}", "--gpu", "-1"]
+    sets = {"data.root": root, "data.train_manifest": manifest, "test.root": root, "features.cache_dir": cache_dir,
+            "train.save_dir": save_dir, "features.store": str(store).lower(), "validation.mode": "off"}
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    cmd += list(extra)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=PROJECT, env=subprocess_env(threads), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    out: list[str] = []
+    peak = 0.0
+    train_pid = None
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if train_pid is None:
+                train_pid = _child_of(proc.pid)
+            hwm = vm_hwm_mb(train_pid) if train_pid else None
+            peak = max(peak, hwm or 0.0)
+        rc = proc.wait(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(out)
+    if rc != 0:
+        raise RuntimeError(f"train.py exited with {rc}: {text[-1500:]}")
+
+    def number(pattern: str) -> float | None:
+        m = re.search(pattern, text)
+        return float(m.group(1)) if m else None
+    n = number(r"training data: (\d+) utterances")
+    epoch_s = number(r"Train Stage: 1/1 .*\(lr [^,]+, ([0-9.]+)s\)")
+    children_kb = number(r"CHILDREN_MAXRSS_KB (\d+)")
+    return {"utterances": int(n) if n else None, "wall_s": round(time.perf_counter() - t0, 1),
+            "features_s": number(r"features ready in ([0-9.]+)s"), "epoch_s": epoch_s,
+            "crops_per_s": round(n / epoch_s, 1) if n and epoch_s else None,
+            "train_peak_rss_mb": round(peak, 1) if peak else None,
+            "max_child_rss_mb": round(children_kb / 1024.0, 1) if children_kb else None,
+            "loss": number(r"Loss ([0-9.]+)")}
+
+
+def _child_of(pid: int) -> int | None:
+    """The (first) child process of ``pid``: train.py under the wrapper."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return int(kids[0]) if kids else None
+    except (OSError, ValueError):
+        return None
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# A narrow x-vector on 1-s crops: the lab's (512 channels, 2-s crops) trains too slowly on a loaded 2-core
+# machine for an epoch of the 16x corpus; the data path (what the store changes) is the same, and weighs more.
+MODEL = ("--set", "model.channels=64", "--set", "model.stat_channels=192", "--set", "model.embedding_size=64",
+         "--set", "train.crop_frames=100")
+INPUT_CROPS = 4096  # crops drawn through the input path per timing
+
+
+def input_crops_per_s(cfg: dict, reps: int = 1) -> list[float]:
+    """Crops per second through ``SpkTrainDataset`` + ``DataLoader`` as train.py builds them (shuffled,
+    ``collate_fn``, no model): what reading crops from RAM or from the store costs."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from bench.system import quiet
+    from dataset import SpkTrainDataset
+    ds = SpkTrainDataset(cfg, log=quiet)
+    out = []
+    for rep in range(reps):
+        ds.set_epoch(rep + 1)
+        loader = DataLoader(ds, batch_size=cfg["train"]["batchsize"], shuffle=True, collate_fn=ds.collate_fn,
+                            generator=torch.Generator().manual_seed(rep))
+        n, t0 = 0, time.perf_counter()
+        while n < INPUT_CROPS:
+            for _, y in loader:
+                n += len(y)
+                if n >= INPUT_CROPS:
+                    break
+        out.append(n / (time.perf_counter() - t0))
+    return out
+
+
+def train_crops_per_s(cfgs: list[dict], reps: int = 3, steps: int = 20) -> list[list[float]]:
+    """Crops per second of train.py's loop body (``bench.training``) fed through the input path of each
+    config's ``SpkTrainDataset``, one network for all (sized for the most speakers), the configs
+    timed in turn ``reps`` times (A-B-A-B): what the store costs a training step."""
+    import torch
+
+    from bench.system import quiet
+    from bench.training import amp_dtype, build_training, rates, real_batches
+    from dataset import SpkTrainDataset
+    device = torch.device("cpu")
+    sets = [SpkTrainDataset(c, log=quiet) for c in cfgs]
+    t = build_training(cfgs[0], max(len(d.speakers) for d in sets), steps, device)
+    t.train()
+    feeds = [real_batches(d, c, device) for d, c in zip(sets, cfgs)]
+    dtype = amp_dtype(cfgs[0], device)
+    rates(t, feeds[0], 1, 3, dtype, device)  # warm-up
+    out: list[list[float]] = [[] for _ in cfgs]
+    for _ in range(reps):
+        for k, feed in enumerate(feeds):
+            out[k] += rates(t, feed, 1, steps, dtype, device)
+    return out
+
+
+def measure_memory(root: Path, manifest: Path, workdir: Path, scales=(1, 4, 16), in_memory_scales=(1, 4),
+                   threads: int = 1, log=print) -> dict:
+    """Every scale with the store (first and cached run) and ``in_memory_scales`` without; the input path's
+    crops/s from each scale's store against the 1x in-memory path (interleaved in this process); the
+    ratios the issue's targets name; the store's disk use per hour of audio."""
+    import soundfile as sf
+
+    from svlab.config import load_config, parse_override
+    result: dict = {"scales": list(scales), "model": " ".join(MODEL[1::2]), "runs": {}, "input_crops_per_s": {},
+                    "step_crops_per_s": {}}
+    lines = [ln.split(maxsplit=1) for ln in manifest.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    hours = sum(sf.info(str(root / rel)).duration for _, rel in lines) / 3600.0
+    result["audio_hours_1x"] = round(hours, 3)
+    corpus = workdir / "corpus"
+
+    def cache(factor, store):
+        return workdir / f"cache_{factor}x_{'store' if store else 'ram'}"
+    for factor in scales:
+        m = scaled_corpus(root, manifest, corpus, factor)
+        for store in (True, False):
+            if not store and factor not in in_memory_scales:
+                continue
+            for run in ("first", "cached"):
+                name = f"{factor}x_{'store' if store else 'ram'}_{run}"
+                log(f"[memory] {name} ...")
+                r = run_train(corpus, m, cache(factor, store), workdir / "runs", store, threads, MODEL)
+                if store and run == "first":
+                    r["store_bytes"] = disk_bytes(cache(factor, store))
+                result["runs"][name] = r
+                log(f"[memory] {name}: {json.dumps(r)}")
+        if cache(1, False).is_dir():  # the input path, the 1x in-memory one and this scale's store, A-B-A-B
+            sets = {"data.root": str(corpus), "train.save_dir": str(workdir / "runs"), "validation.mode": "off",
+                    **dict(parse_override(kv) for kv in MODEL[1::2])}
+            ram = load_config(None, {**sets, "data.train_manifest": str(corpus / "train_1x.txt"),
+                                     "features.cache_dir": str(cache(1, False)), "features.store": False})
+            disk = load_config(None, {**sets, "data.train_manifest": str(m),
+                                      "features.cache_dir": str(cache(factor, True)), "features.store": True})
+            a, b = [], []
+            for _ in range(2):
+                a += input_crops_per_s(ram)
+                b += input_crops_per_s(disk)
+            result["input_crops_per_s"][f"{factor}x_store"] = round(statistics.median(b), 1)
+            result["input_crops_per_s"][f"1x_ram_vs_{factor}x"] = round(statistics.median(a), 1)
+            log(f"[memory] input path {factor}x store {b} vs 1x in memory {a} crops/s")
+            a, b = train_crops_per_s([ram, disk])
+            result["step_crops_per_s"][f"{factor}x_store"] = round(statistics.median(b), 1)
+            result["step_crops_per_s"][f"1x_ram_vs_{factor}x"] = round(statistics.median(a), 1)
+            log(f"[memory] training steps {factor}x store {b} vs 1x in memory {a} crops/s")
+        for store in (True, False):
+            if factor != 1:
+                shutil.rmtree(cache(factor, store), ignore_errors=True)
+        shutil.rmtree(workdir / "runs", ignore_errors=True)
+    runs, inp = result["runs"], result["input_crops_per_s"]
+    first = runs.get("1x_store_first", {})
+    if first.get("store_bytes"):
+        result["store_mb_per_audio_hour"] = round(first["store_bytes"] / 2**20 / hours, 1)
+    for factor in scales:
+        for run in ("first", "cached"):
+            a, b = runs.get(f"1x_store_{run}", {}), runs.get(f"{factor}x_store_{run}", {})
+            if a.get("train_peak_rss_mb") and b.get("train_peak_rss_mb"):
+                result[f"rss_{factor}x_vs_1x_{run}"] = round(b["train_peak_rss_mb"] / a["train_peak_rss_mb"], 3)
+        ram, b = runs.get("1x_ram_cached", {}), runs.get(f"{factor}x_store_cached", {})
+        if ram.get("crops_per_s") and b.get("crops_per_s"):
+            result[f"train_crops_{factor}x_store_vs_1x_ram"] = round(b["crops_per_s"] / ram["crops_per_s"], 3)
+        for what, d in (("input", inp), ("step", result["step_crops_per_s"])):
+            if d.get(f"{factor}x_store") and d.get(f"1x_ram_vs_{factor}x"):
+                result[f"{what}_crops_{factor}x_store_vs_1x_ram"] = round(d[f"{factor}x_store"]
+                                                                         / d[f"1x_ram_vs_{factor}x"], 3)
+    return result
+
+
+def format_memory(r: dict) -> str:
+    rows = [f"{'run':<20} {'utts':>6} {'feat s':>7} {'epoch s':>8} {'crops/s':>8} {'train.py MB':>12} "
+            f"{'max child MB':>13}"]
+    for name, x in r["runs"].items():
+        rows.append(f"{name:<20} {x.get('utterances') or '-':>6} {x.get('features_s') or '-':>7} "
+                    f"{x.get('epoch_s') or '-':>8} {x.get('crops_per_s') or '-':>8} "
+                    f"{x.get('train_peak_rss_mb') or '-':>12} {x.get('max_child_rss_mb') or '-':>13}")
+    rows += [f"{k}: {v}" for k, v in r.items() if k not in ("runs", "scales", "errors")]
+    return "\n".join(rows)
+
+
+def run_mode(args, workdir: Path) -> dict:
+    """``tools/benchmark.py --memory 1,4,16``: the demo corpus (generated into ``workdir/demo1x`` unless
+    it is there already, e.g. with ``--keep``), then ``measure_memory``; the result for ``--json``."""
+    import torch
+
+    from bench.system import cpu_model, loadavg, quiet
+    from svlab import demo_corpus
+    scales = [int(x) for x in str(args.memory).split(",") if x.strip()]
+    base = workdir / "demo1x"
+    if not demo_corpus.is_complete(base):
+        demo_corpus.generate(base, files_dir=base / "files", log=quiet)
+    r = {"mode": "memory", "device": "cpu", "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+         "threads": torch.get_num_threads(), "torch_version": torch.__version__, "loadavg_start": loadavg(),
+         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": {}}
+    try:
+        r.update(measure_memory(base, base / "files" / "split_train_set.txt", workdir, scales,
+                                [s for s in scales if s <= 4], torch.get_num_threads(),
+                                log=lambda m: print(m, file=sys.stderr, flush=True)))
+    except Exception as e:  # the runs done so far are printed with the error
+        r["errors"]["memory"] = f"{type(e).__name__}: {str(e)[-800:]}"
+    r["loadavg_end"] = loadavg()
+    if "runs" in r:
+        print(format_memory(r))
+    return r

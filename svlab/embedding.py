@@ -16,7 +16,7 @@ import torch
 from svlab.cpu_runtime import warm_up_vector_math
 from svlab.errors import DataError
 from svlab.embedding_files import cli_path, index_path, save_embeddings  # noqa: F401 (torch-free; used here and re-exported)
-from svlab.feature_cache import load_features
+from svlab.feature_cache import load_features, load_stored_features, uses_store
 from svlab.features import LEGACY_FEATURE_DEFAULTS, equal_length_batches, feature_signature
 
 
@@ -33,8 +33,10 @@ def select_device(gpu: str | None) -> torch.device:
 
 def checkpoint_features(cfg: dict, state: dict, log=print, cache: bool = True) -> dict:
     """Feature settings to embed with: the checkpoint's recorded ones (a model only works with the
-    features it was trained on); the disk cache folder comes from ``cfg`` (``cache=False``: none)."""
+    features it was trained on); the disk cache folder and the store settings, which say where features are
+    kept, not what they are, come from ``cfg`` (``cache=False``: none)."""
     feat_cfg = {**cfg["features"], **LEGACY_FEATURE_DEFAULTS, **state["config"]["features"],
+                **{k: cfg["features"][k] for k in ("store", "store_shard_size", "store_check") if k in cfg["features"]},
                 "cache_dir": cfg["features"]["cache_dir"] if cache else "",
                 "max_seconds": cfg["features"].get("max_seconds")}  # a reading limit of this run, not of the model
     if feature_signature(feat_cfg) != feature_signature(cfg["features"]):
@@ -45,7 +47,8 @@ def checkpoint_features(cfg: dict, state: dict, log=print, cache: bool = True) -
 @torch.no_grad()
 def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_size: int,
                    device: torch.device | str = "cpu", desc: str = "embedding") -> np.ndarray:
-    """Embeddings ``(n, embedding_size)`` float32 of whole-utterance features ``(n_mfcc, frames)``."""
+    """Embeddings ``(n, embedding_size)`` float32 of whole-utterance features ``(n_mfcc, frames)``: arrays,
+    or ``svlab.feature_store.FeatureRef``s, which are read a batch at a time (memory: the embeddings)."""
     from tqdm import tqdm
     warm_up_vector_math()  # exact float math in the model's first multi-threaded calls
     device = torch.device(device)
@@ -64,14 +67,22 @@ def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_siz
 
 def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch_size: int = 64,
                 device: torch.device | str = "cpu", policy: str = "error", log=print,
-                desc: str = "MFCC", fix: str | None = None) -> tuple[np.ndarray, list[int], list[str]]:
+                desc: str = "MFCC", fix: str | None = None,
+                store_corpus: tuple[list[Path], list[str]] | None = None) -> tuple[np.ndarray, list[int], list[str]]:
     """Embed audio files: ``(embeddings of the usable files, their indices in paths, problems)``.
 
     ``policy="error"`` raises one DataError listing every unusable file, ending with ``fix`` (default:
     check the files or pass others, ``svlab.feature_cache.AUDIO_FIX``); ``"skip"`` leaves them out.
+    ``store_corpus=(paths, keys)``: the corpus whose on-disk store holds ``paths`` (training's list); with
+    ``uses_store(feat_cfg)`` the features come from that store, read batch by batch (the same arrays as
+    ``load_features``, never all in RAM), else from ``load_features``.
     """
-    feats, kept, problems = load_features([Path(p) for p in paths], feat_cfg, policy=policy, log=log, desc=desc,
-                                          fix=fix)
+    if store_corpus is not None and uses_store(feat_cfg):
+        feats, kept, problems = load_stored_features([Path(p) for p in paths], store_corpus, feat_cfg, policy=policy,
+                                                     log=log, desc=desc, fix=fix)
+    else:
+        feats, kept, problems = load_features([Path(p) for p in paths], feat_cfg, policy=policy, log=log, desc=desc,
+                                              fix=fix)
     if not feats:
         raise DataError(f"none of the {len(paths)} audio file(s) could be used: {'; '.join(problems[:5])}")
     return embed_features(model, feats, batch_size, device), kept, problems

@@ -268,13 +268,14 @@ def mfcc_stats_embeddings(paths: list[Path], feat_cfg: dict) -> np.ndarray:
 
 
 def training_embedder(model, feat_cfg: dict, batch_size: int, device, log=print):
-    """``embed_paths(paths, bad_audio_policy) -> (embeddings, indices of the usable paths)`` for fitting a
-    back-end on training audio: embeddings of ``model``, or MFCC statistics for the baseline (``model`` None)."""
-    def embed_paths(paths, policy):
+    """``embed_paths(paths, bad_audio_policy, store_corpus=None) -> (embeddings, indices of the usable paths)``
+    for fitting a back-end on training audio: embeddings of ``model`` (features from the training store of
+    ``store_corpus`` when ``features.store`` is on: ``embed_files``), or MFCC statistics for the baseline."""
+    def embed_paths(paths, policy, store_corpus=None):
         if model is None:
             return mfcc_stats_embeddings(paths, feat_cfg), list(range(len(paths)))
         e, kept, problems = embed_files(model, paths, feat_cfg, batch_size, device, policy=policy, log=log,
-                                        desc="train MFCC", fix=TRAINING_AUDIO_FIX)
+                                        desc="train MFCC", fix=TRAINING_AUDIO_FIX, store_corpus=store_corpus)
         if problems:
             log(f"note: {len(problems)} unusable training file(s) left out of the back-end (data.bad_audio: skip)")
         return e, kept

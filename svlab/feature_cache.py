@@ -262,6 +262,26 @@ def _stored_features(paths, keys, feat_cfg, policy, log, desc, workers, fix, sha
     return [refs[i][0] for i in kept], kept, problems
 
 
+def load_stored_features(paths: list[Path], corpus: tuple[list[Path], list[str]], feat_cfg: dict, policy: str = "error",
+                         log=print, desc: str = "MFCC", fix: str | None = None) -> tuple[list, list[int], list[str]]:
+    """``load_features``'s ``(features, kept, problems)`` for ``paths`` (some or all of the store's
+    ``corpus = (paths, keys)``, e.g. training's list: ``load_training_items``), as ``FeatureRef``s from that
+    corpus's clean store, built or completed as training does; the features are read when used, not here."""
+    store = clean_store(list(corpus[0]), list(corpus[1]), feat_cfg, log, desc)
+    at = {Path(p): i for i, p in enumerate(corpus[0])}
+    pos = [at[Path(p)] for p in paths]  # KeyError: a path the corpus lacks (callers pass a subset of it)
+    refs, stored = store.refs(), iter(store.problems)
+    problem_of = [None if r is not None else next(stored) for r in refs]  # problems are kept in item order
+    problems = [problem_of[i] for i in pos if problem_of[i] is not None]
+    _refuse_setting_that_fits_no_file(problems, len(paths), feat_cfg)
+    if problems and policy == "error":
+        _raise_audio_problems(problems, fix)
+    infos, kept = store.infos, [k for k, i in enumerate(pos) if refs[i] is not None]
+    if note := conversion_note([infos[i] for i in pos], feat_cfg["sample_rate"]):
+        log(note)
+    return [refs[pos[k]][0] for k in kept], kept, problems
+
+
 # --------------------------------------------------------------------------- augmented copies
 BABBLE_POOL = 32          # training utterances (distinct speakers) that babble noise is mixed from
 BABBLE_MAX_SECONDS = 6.0  # each trimmed to this length
@@ -517,6 +537,12 @@ class TrainingItems:
 def _store_keys(utts: list) -> list[str]:
     """The store's Kaldi keys: the manifest's relative paths without extension, ``/`` as ``-``."""
     return [u.relpath.rsplit(".", 1)[0].replace("/", "-") for u in utts]
+
+
+def training_store_corpus(utts: list, root: Path) -> tuple[list[Path], list[str]]:
+    """``(paths, Kaldi keys)`` of the training manifest's utterances ``utts``: the corpus that
+    ``load_training_items`` keeps in the store (the back-end embeds the training set from that store)."""
+    return [u.path(root) for u in utts], _store_keys(utts)
 
 
 def load_training_items(opts: dict, log=print) -> TrainingItems:

@@ -10,7 +10,9 @@ learnt from the training set for it):
 
 ``fit_or_load_backend`` gives the back-end of an evaluation: the one saved in its folder
 (``backend.npz``: PLDA / calibrator; ``cohort.npz``: cohort and mean) when it was fitted for the same
-checkpoint and settings, else a new one fitted on training-set embeddings and saved there.
+checkpoint and settings, else a new one fitted on training-set embeddings and saved there. With
+``features.store`` on, those embeddings come from the on-disk store training reads (built or completed
+here if need be), a batch at a time: memory holds the embeddings, not the training set's features.
 The option values come from the ``test:`` section of ``config.yaml`` (the only place that sets their
 defaults), or from the ``metrics.json`` of a finished evaluation.
 """
@@ -30,6 +32,7 @@ from svlab import calibration, metrics, scoring
 from svlab.config import CHOICES, is_foreign_path, load_config, resolve_path
 from svlab.demo_corpus import ensure_demo_corpus
 from svlab.errors import BackendError, ConfigError
+from svlab.feature_cache import training_store_corpus
 from svlab.files import atomic_write
 from svlab.manifests import check_root, read_corpora, read_manifest, training_roots
 
@@ -135,10 +138,13 @@ def training_data_section(cfg: dict, state: dict | None, log=print) -> dict:
 
 def training_embeddings(data: dict, embed_paths, utts_per_speaker: int, log=print) -> tuple[np.ndarray, np.ndarray]:
     """Whole-utterance embeddings of the training manifest (``utts_per_speaker`` each, 0 = all) and the
-    speaker of each row. ``embed_paths(paths, bad_audio_policy) -> (embeddings, indices of the usable paths)``."""
+    speaker of each row. ``embed_paths(paths, bad_audio_policy, store_corpus) -> (embeddings, indices of the
+    usable paths)``; ``store_corpus`` is the whole manifest's ``(paths, keys)``, whose on-disk feature store
+    (the one training reads: ``svlab.feature_cache.training_store_corpus``) holds the features of ``paths``."""
     root, manifest = resolve_path(data["root"]), resolve_path(data["train_manifest"])
     ensure_demo_corpus(*training_roots(data), log=log)
     utts = read_corpora(data["corpora"]) if data.get("corpora") else read_manifest(manifest, key="data.train_manifest")
+    corpus = training_store_corpus(utts, root)  # before the per-speaker subset: training's store holds them all
     if utts_per_speaker > 0:
         count: dict[str, int] = {}
         kept = []
@@ -147,9 +153,10 @@ def training_embeddings(data: dict, embed_paths, utts_per_speaker: int, log=prin
                 count[u.speaker] = count.get(u.speaker, 0) + 1
                 kept.append(u)
         utts = kept
-    check_root(root, utts, "data.root", manifest)
+    if not data.get("corpora"):  # read_corpora checked each corpus's own root; data.root is unused then
+        check_root(root, utts, "data.root", manifest)
     t0 = time.perf_counter()
-    emb, kept_idx = embed_paths([u.path(root) for u in utts], data.get("bad_audio", "error"))
+    emb, kept_idx = embed_paths([u.path(root) for u in utts], data.get("bad_audio", "error"), corpus)
     speakers = np.array([utts[i].speaker for i in kept_idx])
     log(f"training-set embeddings for the back-end: {len(emb)} utterances of {len(set(speakers.tolist()))} "
         f"speakers ({time.perf_counter() - t0:.1f}s)")
@@ -361,9 +368,9 @@ def fit_or_load_backend(opts: ScoringOptions, cfg: dict, state: dict | None, che
                         save_dir: Path | None = None) -> tuple[FittedBackend, dict]:
     """The back-end of an evaluation (empty for plain cosine) and what ``metrics.json`` records about it.
 
-    ``embed_paths(paths, bad_audio_policy) -> (embeddings, indices of the usable paths)`` embeds
-    training audio the way the test audio was embedded. A back-end saved in ``out_dir`` is reused when it
-    fits; the back-end files are written to ``save_dir`` (default ``out_dir``).
+    ``embed_paths(paths, bad_audio_policy, store_corpus) -> (embeddings, indices of the usable paths)``
+    embeds training audio the way the test audio was embedded (``training_embeddings``). A back-end saved in
+    ``out_dir`` is reused when it fits; the back-end files are written to ``save_dir`` (default ``out_dir``).
     """
     if not opts.needs_training_data:
         return FittedBackend(), {}

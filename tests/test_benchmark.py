@@ -29,8 +29,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
+    # --models none: the per-model section has its own test (tests/test_bench_models.py)
     proc = subprocess.run([sys.executable, str(PROJECT / "tools" / "benchmark.py"), "--quick", "--threads", "1",
-                           "--json", str(out)], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+                           "--models", "none", "--json", str(out)],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"benchmark.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "train / reference" in proc.stdout  # the readable table was printed
     return json.loads(out.read_text(encoding="utf-8"))

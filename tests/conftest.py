@@ -20,6 +20,7 @@ for _folder in (PROJECT, PROJECT / "tools"):  # the lab's files and svlab; the o
 
 from svlab import config  # noqa: E402
 from svlab import demo_corpus  # noqa: E402
+from svlab import feature_cache  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -38,6 +39,19 @@ SMALL_MODEL = {
 
 def quiet(*args, **kwargs) -> None:
     """A ``log`` callable that drops everything."""
+
+
+@pytest.fixture()
+def count_extractions(monkeypatch):
+    """The files each extraction reads (feature_cache._extract_one: the store's jobs and the npz cache's)."""
+    calls = []
+    real = feature_cache._extract_one
+
+    def counting(args):
+        calls.append(args[0].name)
+        return real(args)
+    monkeypatch.setattr(feature_cache, "_extract_one", counting)
+    return calls
 
 
 @pytest.fixture(scope="session")

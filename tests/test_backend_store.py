@@ -34,27 +34,14 @@ def _embedder(cfg, model, store: bool):
     return evaluation.training_embedder(model, feat_cfg, cfg["test"]["batch_size"], "cpu", quiet)
 
 
-@pytest.fixture()
-def extractions(monkeypatch):
-    """The audio files feature extraction reads, store or npz cache."""
-    calls = []
-    real = feature_cache._extract_one
-
-    def counting(args):
-        calls.append(args[0].name)
-        return real(args)
-    monkeypatch.setattr(feature_cache, "_extract_one", counting)
-    return calls
-
-
 @pytest.mark.parametrize("per_speaker", [0, 2])
-def test_store_embeddings_equal_the_in_memory_path_without_extracting_again(setup, extractions, monkeypatch,
+def test_store_embeddings_equal_the_in_memory_path_without_extracting_again(setup, count_extractions, monkeypatch,
                                                                             per_speaker):
     cfg, model = setup
     data = training_data_section(cfg, {"config": cfg}, quiet)
     old_emb, old_spk = training_embeddings(data, _embedder(cfg, model, store=False), per_speaker, quiet)
-    assert len(extractions) == len(old_emb)  # the old path read the audio again (an npz cache of its own)
-    extractions.clear()
+    assert len(count_extractions) == len(old_emb)  # the old path read the audio again (an npz cache of its own)
+    count_extractions.clear()
 
     read = []
     real_read = feature_store.FeatureRef.read
@@ -67,24 +54,24 @@ def test_store_embeddings_equal_the_in_memory_path_without_extracting_again(setu
     monkeypatch.setattr(embedding, "load_features", lambda *a, **k: pytest.fail("in-memory path used"))
     new_emb, new_spk = training_embeddings(data, _embedder(cfg, model, store=True), per_speaker, quiet)
 
-    assert extractions == []                       # training's store served every utterance
+    assert count_extractions == []                       # training's store served every utterance
     assert len(read) == len(new_emb)               # each utterance's features read once, whole
     assert new_spk.tolist() == old_spk.tolist()    # the same utterances in the same order
     assert len(new_emb) == (32 if per_speaker == 0 else 2 * len(set(old_spk.tolist())))
     np.testing.assert_allclose(new_emb, old_emb, rtol=0, atol=1e-6)
 
 
-def test_backend_builds_a_missing_store_as_training_would_and_training_reuses_it(make_config, tmp_path, extractions):
+def test_backend_builds_a_missing_store_as_training_would_and_training_reuses_it(make_config, tmp_path, count_extractions):
     cfg = make_config(tmp_path, {"features.store_shard_size": SHARD, "validation.mode": "off"})
     torch.manual_seed(0)
     model = models.build_model(cfg["model"], 20).eval()
     data = training_data_section(cfg, {"config": cfg}, quiet)
     emb, _ = training_embeddings(data, _embedder(cfg, model, store=True), 0, quiet)
-    assert len(extractions) == len(emb) == 32
+    assert len(count_extractions) == len(emb) == 32
     assert len(list(config_path_value(cfg, "features.cache_dir").glob("store_*/shard_*.ark"))) == 32 // SHARD
-    extractions.clear()
+    count_extractions.clear()
     items = feature_cache.load_training_items(cfg, log=quiet)  # train.py finds the store complete
-    assert extractions == [] and len(items.versions) == 32
+    assert count_extractions == [] and len(items.versions) == 32
 
 
 def test_store_off_keeps_the_in_memory_path(make_config, tmp_path):

@@ -44,19 +44,6 @@ def _arrays(store):
     return [None if r is None else np.asarray(r[0]) for r in store.refs()]
 
 
-@pytest.fixture()
-def count_extractions(monkeypatch):
-    """The files each extraction reads (feature_cache._extract_one, which the store's jobs call)."""
-    calls = []
-    real = feature_cache._extract_one
-
-    def counting(args):
-        calls.append(args[0].name)
-        return real(args)
-    monkeypatch.setattr(feature_cache, "_extract_one", counting)
-    return calls
-
-
 def test_store_round_trip_equals_in_memory_features_and_is_kaldi_readable(make_config, tmp_path):
     cfg = _cfg(make_config, tmp_path)
     paths, keys = _paths(cfg)

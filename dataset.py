@@ -4,8 +4,9 @@
    RELPATHs are relative to ``data.root`` (training) or ``test.root`` (testing).
 2. Features (``svlab.features.mfcc``): each utterance becomes an MFCC array ``(n_mfcc, frames)``
    (25 ms window, 10 ms hop). They are computed once, in parallel, and cached on disk
-   (``features.cache_dir``, ``svlab.feature_cache``), so an epoch never re-reads audio. Training features
-   go to an on-disk store there (``svlab.feature_store``) and each crop is read from disk when drawn.
+   (``features.cache_dir``, ``svlab.feature_cache``), so an epoch never re-reads audio. Training and test
+   features go to on-disk stores there (``svlab.feature_store``): each crop, and each test utterance, is
+   read from disk when used, so memory does not grow with the corpus (``features.store: false``: in RAM).
 3. Crops: ``SpkTrainDataset`` cuts a random ``train.crop_frames``-frame window of each training
    utterance per epoch, labelled with its speaker's index; ``SpkTestDataset`` gives whole test
    utterances, to be embedded one by one or in batches of equal length.
@@ -23,7 +24,8 @@ from torch.utils.data import Dataset
 
 from svlab import augment, online_augment
 from svlab.config import config_path_value, key_source
-from svlab.feature_cache import TEST_AUDIO_FIX, load_features, load_training_items
+from svlab.embedding import manifest_features
+from svlab.feature_cache import load_training_items
 from svlab.features import equal_length_batches, repeat_to
 from svlab.manifests import check_root, read_manifest
 
@@ -115,7 +117,9 @@ class SpkTestDataset(Dataset):
     ``opts`` is the full configuration. Item ``i`` is ``(features (n_mfcc, frames) tensor, relpath)``.
     ``equal_length_batches`` groups utterances of identical length so that batched embedding is
     exact for every model (no padding at all). ``relpaths``: embed only these utterances of the
-    test manifest (e.g. the ones a trial list uses).
+    test manifest (e.g. the ones a trial list uses). ``features``: per utterance a ``FeatureRef`` into the
+    test list's on-disk store, read when the item is taken (its ``.shape`` comes from the store's index), or
+    an array with ``features.store: false``; the same numbers either way.
     """
 
     def __init__(self, opts: dict, log=print, relpaths: list[str] | None = None):
@@ -126,20 +130,20 @@ class SpkTestDataset(Dataset):
             wanted = set(relpaths)
             utts = [u for u in utts if u.relpath in wanted]
         check_root(self.root, utts, "test.root", manifest, key_source(opts, "test.root"))
-        feats, kept, problems = load_features([u.path(self.root) for u in utts], opts["features"],
-                                              policy="error", log=log, desc="test MFCC", fix=TEST_AUDIO_FIX)
+        self.features, kept = manifest_features(utts, self.root, opts["features"], log=log)
         self.utterances = [utts[i] for i in kept]
-        self.features = feats
         self.index = {u.relpath: i for i, u in enumerate(self.utterances)}
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        return torch.from_numpy(self.features[i]), self.utterances[i].relpath
+        return torch.from_numpy(np.asarray(self.features[i])), self.utterances[i].relpath  # read from disk here
 
     def equal_length_batches(self, batch_size: int) -> list[list[int]]:
-        return equal_length_batches([f.shape[1] for f in self.features], batch_size)
+        # longest first: each batch's tensors then fit in the memory the (longer) batch before freed; shortest
+        # first, each needs a little more than was freed and the heap grows with the test list
+        return equal_length_batches([f.shape[1] for f in self.features], batch_size)[::-1]
 
     @staticmethod
     def collate_fn(batch):

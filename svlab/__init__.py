@@ -17,7 +17,7 @@ Data (under ``dataset.py``)
 ``audio``           reading audio (any format, rate and channel count) with one-line problems
 ``features``        the front ends (MFCC, fbank; librosa), ``feature_dim`` and the settings' signature
 ``feature_cache``   features computed once in parallel and cached on disk, augmented copies
-``feature_store``   training features in sharded Kaldi ark/scp, written as extracted, read a crop at a time
+``feature_store``   training and test features in sharded Kaldi ark/scp, written as extracted, read a crop at a time
 ``npz_cache``       the feature caches' .npz files, checksummed and read without trusting their headers
 ``process_pool``    worker processes that stop at once with whatever stops the command
 ``augment``         noise, reverberation, speed and SpecAugment

@@ -41,6 +41,7 @@ TOOLS = {  # subcommand: the file in tools/ it runs
     "prepare": "prepare_data.py",
     "report": "report.py",
     "bench": "benchmark.py",
+    "channel-probe": "channel_probe.py",
 }
 MODULES = {  # subcommand: the package module it runs
     "student-kit": "svlab.student_kit",

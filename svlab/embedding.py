@@ -16,7 +16,7 @@ import torch
 from svlab.cpu_runtime import warm_up_vector_math
 from svlab.errors import DataError
 from svlab.embedding_files import cli_path, index_path, save_embeddings  # noqa: F401 (torch-free; used here and re-exported)
-from svlab.feature_cache import load_features, load_stored_features, uses_store
+from svlab.feature_cache import TEST_AUDIO_FIX, load_features, load_stored_features, training_store_corpus, uses_store
 from svlab.features import LEGACY_FEATURE_DEFAULTS, equal_length_batches, feature_signature
 
 
@@ -53,7 +53,8 @@ def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_siz
     warm_up_vector_math()  # exact float math in the model's first multi-threaded calls
     device = torch.device(device)
     out = None
-    batches = equal_length_batches([f.shape[1] for f in features], batch_size)
+    # longest first, as dataset.SpkTestDataset batches: later batches reuse the memory of earlier, longer ones
+    batches = equal_length_batches([f.shape[1] for f in features], batch_size)[::-1]
     for idx in tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=None):
         x = torch.stack([torch.from_numpy(np.ascontiguousarray(features[i])) for i in idx]).to(device)
         e = model(x).float().cpu().numpy()
@@ -65,6 +66,33 @@ def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_siz
     return out
 
 
+def features_to_embed(paths: list[Path], feat_cfg: dict, policy: str = "error", log=print, desc: str = "MFCC",
+                      fix: str | None = None, store_corpus: tuple[list[Path], list[str]] | None = None
+                      ) -> tuple[list, list[int], list[str]]:
+    """``(features, kept indices, problems)`` of audio files to embed, as ``load_features`` gives them.
+
+    With ``uses_store(feat_cfg)`` (``features.store`` and a ``cache_dir``) they are ``FeatureRef``s into the
+    on-disk store of ``store_corpus = (paths, keys)`` (training's list for the back-end; default: these files,
+    keyed by their paths), built or completed and checked at start as training's store is, reused by the next
+    run, and read one utterance at a time when embedded: memory holds the store's index, not the features.
+    Otherwise arrays in RAM (``load_features``: all of them at once, the ``.npz`` cache).
+    """
+    paths = [Path(p) for p in paths]
+    if uses_store(feat_cfg):
+        corpus = store_corpus if store_corpus is not None else (paths, [str(p) for p in paths])
+        return load_stored_features(paths, corpus, feat_cfg, policy=policy, log=log, desc=desc, fix=fix)
+    return load_features(paths, feat_cfg, policy=policy, log=log, desc=desc, fix=fix)
+
+
+def manifest_features(utts: list, root: Path, feat_cfg: dict, log=print) -> tuple[list, list[int]]:
+    """``(features, kept indices)`` of the test manifest's utterances ``utts`` under ``root`` (an unusable file
+    is an error ending with ``TEST_AUDIO_FIX``): from the test list's own on-disk store, keyed like
+    training's (``training_store_corpus``), or in RAM with ``features.store: false`` (``features_to_embed``)."""
+    paths, keys = training_store_corpus(utts, root)
+    feats, kept, _ = features_to_embed(paths, feat_cfg, "error", log, "test MFCC", TEST_AUDIO_FIX, (paths, keys))
+    return feats, kept
+
+
 def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch_size: int = 64,
                 device: torch.device | str = "cpu", policy: str = "error", log=print,
                 desc: str = "MFCC", fix: str | None = None,
@@ -73,16 +101,11 @@ def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch
 
     ``policy="error"`` raises one DataError listing every unusable file, ending with ``fix`` (default:
     check the files or pass others, ``svlab.feature_cache.AUDIO_FIX``); ``"skip"`` leaves them out.
-    ``store_corpus=(paths, keys)``: the corpus whose on-disk store holds ``paths`` (training's list); with
-    ``uses_store(feat_cfg)`` the features come from that store, read batch by batch (the same arrays as
-    ``load_features``, never all in RAM), else from ``load_features``.
+    Features as ``features_to_embed`` gives them: with ``uses_store(feat_cfg)`` from the on-disk store of
+    ``store_corpus=(paths, keys)`` (training's list for the back-end; default these files), read batch by batch
+    (the same arrays as ``load_features``, never all in RAM), else from ``load_features``.
     """
-    if store_corpus is not None and uses_store(feat_cfg):
-        feats, kept, problems = load_stored_features([Path(p) for p in paths], store_corpus, feat_cfg, policy=policy,
-                                                     log=log, desc=desc, fix=fix)
-    else:
-        feats, kept, problems = load_features([Path(p) for p in paths], feat_cfg, policy=policy, log=log, desc=desc,
-                                              fix=fix)
+    feats, kept, problems = features_to_embed(paths, feat_cfg, policy, log, desc, fix, store_corpus)
     if not feats:
         raise DataError(f"none of the {len(paths)} audio file(s) could be used: {'; '.join(problems[:5])}")
     return embed_features(model, feats, batch_size, device), kept, problems

@@ -54,6 +54,7 @@ META = {  # ONNX metadata_props keys (values are strings; JSON where structured)
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 PRETRAINED_PTH, PRETRAINED_ONNX, MODEL_CARD = "speaker_encoder.pth", "speaker_encoder.onnx", "model_card.json"
 BATCH_SIZE = 64
+EMBED_CHUNK = 512  # recordings whose features SpeakerEncoder.embed holds at once
 EPS = 1e-12  # norm floor of l2_normalize (torch.nn.functional.normalize's)
 
 
@@ -183,7 +184,8 @@ def checkpoint_decision(checkpoint: Path, state: dict) -> Decision:
     if own is None:
         return Decision(None, f"no threshold: {checkpoint.name} records no test trial list; {fix}")
     # the plain cosine system: the fields decision_evaluation compares (scorer, normalisation, centering)
-    cosine = SimpleNamespace(backend="cosine", score_norm="none", center=False, asnorm_top_n=None, label="cosine")
+    cosine = SimpleNamespace(backend="cosine", score_norm="none", center=False, asnorm_top_n=None, label="cosine",
+                             lda_dim=0)
     found = decision_evaluation(checkpoint, own, cosine)
     if found is None or not _plain(found[1]):
         return Decision(None, f"no threshold: no plain-cosine evaluation of {checkpoint.name} on "
@@ -314,18 +316,24 @@ class SpeakerEncoder:
         items = [x] if single else list(x)
         if not items:
             raise DataError("nothing to embed: the list of recordings is empty")
-        feats, problems, low = [], [], []
-        for item in items:
-            try:
-                wav, name, sr = self._waveform(item, sample_rate)
-                f = extract(wav, self.features)
-                if not np.all(np.isfinite(f)):
-                    raise DataError(f"{name}: features are not finite (NaN/inf)")
-                feats.append(f)
-                if sr < self.sample_rate and sr / 2 < float(self.features["fmax"]):
-                    low.append(f"{name} ({sr} Hz)")
-            except DataError as e:
-                problems.append(one_line(e, 300))
+        chunks, problems, low = [], [], []
+        # A chunk of recordings at a time: features of at most EMBED_CHUNK recordings are in memory, however
+        # long the list. Every recording is still checked, so one error names all the unusable ones.
+        for start in range(0, len(items), EMBED_CHUNK):
+            feats = []
+            for item in items[start:start + EMBED_CHUNK]:
+                try:
+                    wav, name, sr = self._waveform(item, sample_rate)
+                    f = extract(wav, self.features)
+                    if not np.all(np.isfinite(f)):
+                        raise DataError(f"{name}: features are not finite (NaN/inf)")
+                    feats.append(f)
+                    if sr < self.sample_rate and sr / 2 < float(self.features["fmax"]):
+                        low.append(f"{name} ({sr} Hz)")
+                except DataError as e:
+                    problems.append(one_line(e, 300))
+            if not problems:  # after the first unusable recording the rest are only checked
+                chunks.append(self._embed_features(feats, batch_size))
         if problems:
             raise DataError(f"{len(problems)} unusable recording(s): {'; '.join(problems[:5])}"
                             f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. Check each file "
@@ -335,15 +343,18 @@ class SpeakerEncoder:
                      f"for {self.source.name}, which was trained on audio up to "
                      f"{min(float(self.features['fmax']), self.sample_rate / 2):g} Hz: the band above the file's "
                      "Nyquist frequency is empty, so scores are less reliable; record at the model's rate if you can")
+        emb = np.concatenate(chunks)
+        return emb[0] if single else emb
+
+    def _embed_features(self, feats: list[np.ndarray], batch_size: int) -> np.ndarray:
         try:
-            emb = self._model(feats, batch_size)
+            return self._model(feats, batch_size)
         except Exception as e:  # onnxruntime's and torch's errors, e.g. fewer frames than the network's context
             shortest = min(f.shape[1] for f in feats)
             seconds = shortest * float(self.features["hop_length_ms"]) / 1000
             raise DataError(f"{self.source.name} could not embed the recording(s) ({type(e).__name__}: "
                             f"{one_line(e, 120)}); the shortest has {shortest} frames ({seconds:.2f} s): "
                             "pass longer recordings") from None
-        return emb[0] if single else emb
 
     def similarity(self, a, b, sample_rate: int | None = None) -> float:
         """Cosine similarity of two recordings (paths or arrays), in [-1, 1]."""

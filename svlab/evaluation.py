@@ -292,7 +292,7 @@ def describe_run(opts: ScoringOptions, checkpoint: Path | None, state: dict | No
         "n_utterances": int(n_utterances),
         "checkpoint": str(checkpoint) if checkpoint else None, "epoch": state["epoch"] if state else None,
         "trials": str(test.trials_path), "trials_id": test.id, "backend": opts.label, "scorer": opts.backend,
-        "score_norm": opts.score_norm,
+        "score_norm": opts.score_norm, "plda_lda_dim": opts.lda_dim,
         "asnorm_top_n": opts.asnorm_top_n if opts.score_norm == "asnorm" else None, "center": opts.center,
         "calibrated": opts.calibrate, "system": system,
         "embed_seconds": round(embed_seconds, 3), "score_seconds": round(score_seconds, 4),
@@ -527,7 +527,8 @@ def _same_system(m: dict, opts: ScoringOptions) -> bool:
     """Whether evaluation ``m`` scored trials like ``opts`` (calibration aside: it does not change the scores)."""
     norm = m.get("score_norm") or "none"
     return (m.get("scorer") or "cosine", norm, bool(m.get("center"))) == (opts.backend, opts.score_norm, opts.center) \
-        and (norm != "asnorm" or m.get("asnorm_top_n") == opts.asnorm_top_n)
+        and (norm != "asnorm" or m.get("asnorm_top_n") == opts.asnorm_top_n) \
+        and int(m.get("plda_lda_dim") or 0) == opts.lda_dim
 
 
 def decision_evaluation(checkpoint: Path, own: TrialListRef, opts: ScoringOptions, log=None,

@@ -1,5 +1,6 @@
-"""The on-disk feature store: training features in Kaldi archives, written shard by shard as they are
-extracted and read back one crop at a time, so memory does not grow with the corpus.
+"""The on-disk feature store: features in Kaldi archives, written shard by shard as they are extracted and
+read back one crop (training) or one utterance (a test list, ``svlab.embedding.features_to_embed``) at a time,
+so memory does not grow with the corpus or the test list.
 
 Layout of a store folder (``features.cache_dir/store_<type>_<key>/``; see docs/large_corpora.md)::
 
@@ -22,7 +23,9 @@ written to its shard as it arrives (``on_result``): at most the pool's in-flight
 
 Reading: ``FeatureRef`` stands for one matrix: ``.shape`` is known from the index, and ``ref[:, a:b]``
 reads just those frames with ``os.pread`` (page cache, not the process's RSS as a memory map would
-be), returning the ``(features, frames)`` float32 array the in-memory path would have cropped.
+be), returning the ``(features, frames)`` float32 array the in-memory path would have cropped. A read that
+fails (a shard cut short or deleted after the start-up check) is one ``ShardReadError`` line naming the shard,
+also when it happens in a DataLoader worker.
 """
 from __future__ import annotations
 
@@ -102,6 +105,22 @@ def _forget(path: str) -> None:
         os.close(fd)
 
 
+class ShardReadError(DataError):
+    """A shard that fails while it is read (e.g. cut short after the start-up check passed it).
+
+    Raised in a DataLoader worker (``train.num_workers`` > 0), it reaches the main process rebuilt by torch's
+    ``ExceptionWrapper`` as ``ShardReadError("Caught ShardReadError in DataLoader worker process N.\\nOriginal
+    Traceback ...")``; the constructor keeps only the worker's own one-line message (the traceback's last
+    line), so the command still prints one line naming the shard and the fix, not a worker's traceback."""
+
+    def __init__(self, message: object = ""):
+        text = str(message)
+        name = type(self).__name__
+        if text.startswith(f"Caught {name} ") and "\n" in text:
+            text = text.rstrip("\n").rsplit("\n", 1)[-1].split(f"{name}: ", 1)[-1]
+        super().__init__(text)
+
+
 class FeatureRef:
     """One ``(dim, frames)`` float32 feature matrix in a shard, read on demand.
 
@@ -134,11 +153,15 @@ class FeatureRef:
         start = min(max(start, 0), stop)
         out = np.empty((stop - start, self.dim), dtype="<f4")
         pos = self.offset + HEADER.size + start * self.dim * 4
-        got = os.preadv(_fd(self.path), [out], pos) if out.size else 0  # straight into the array
-        if got != out.nbytes:
+        try:
+            got = os.preadv(_fd(self.path), [out], pos) if out.size else 0  # straight into the array
+            what = None if got == out.nbytes else f"is cut short (byte {pos + got} of the {pos + out.nbytes} needed)"
+        except OSError as e:  # deleted or unreadable since the start-up check
+            what = f"cannot be read ({one_line(e, 80)})"
+        if what is not None:
             _forget(self.path)
-            raise DataError(f"feature store shard {printable(self.path)} is cut short (byte {pos + got} of the "
-                            f"{pos + out.nbytes} a crop needs); run train.py again to extract that shard again")
+            raise ShardReadError(f"feature store shard {printable(self.path)} {what}; run train.py again to extract "
+                                 "that shard again (EER.py or tools/extract.py again for a test list's store)")
         # C-ordered (features, frames) like a crop of the in-memory array: reductions over frames (SpecAugment's
         # mask value) then sum in the same order, to the same bits
         return np.ascontiguousarray(out.T)

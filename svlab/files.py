@@ -265,16 +265,22 @@ class WrittenFiles:
 # --------------------------------------------------------------------------------------------------
 # An index read back and rewritten
 # --------------------------------------------------------------------------------------------------
+def unused_name(path: Path, separator: str = "") -> Path:
+    """``path`` if nothing is there, else the first free ``<path><separator>2``, ``...3``, ...: a file set
+    aside never replaces an earlier one."""
+    kept, n = path, 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.name}{separator}{n}")
+    return kept
+
+
 def set_aside(path: Path, why: str, log=print) -> Path:
     """Rename an unreadable ``path`` to ``<name>.unreadable-<time>`` (never over another file), say so
     in one line, and return the new name."""
     path = Path(path)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    kept = path.with_name(f"{path.name}.unreadable-{stamp}")
-    n = 1
-    while kept.exists():
-        n += 1
-        kept = path.with_name(f"{path.name}.unreadable-{stamp}-{n}")
+    kept = unused_name(path.with_name(f"{path.name}.unreadable-{stamp}"), "-")
     try:
         os.rename(path, kept)
     except OSError as e:

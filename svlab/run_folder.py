@@ -40,7 +40,7 @@ from svlab.config import DEFAULT_CONFIG, PROJECT_ROOT, get_key, public_config
 from svlab.errors import CheckpointError, ConfigError, FileWriteError, LabError, TrainingError
 from svlab.features import feature_signature
 from svlab.manifests import corpora_record
-from svlab.files import atomic_write, stale_temp_files
+from svlab.files import atomic_write, stale_temp_files, unused_name
 from svlab.models import describe
 from svlab.text import excerpt, printable
 from svlab.training import RunLock, apply_changed_schedule
@@ -344,11 +344,7 @@ def keep_unreadable(files: list[tuple[Path, str]], log=print) -> None:
     """Rename unreadable checkpoints to ``<name>.unreadable``: the resumed run neither overwrites nor
     deletes them, and nothing lists them as checkpoints any more."""
     for p, reason in files:
-        target = p.with_name(p.name + UNREADABLE)
-        n = 1
-        while target.exists():
-            n += 1
-            target = p.with_name(f"{p.name}{UNREADABLE}{n}")
+        target = unused_name(p.with_name(p.name + UNREADABLE))
         try:
             os.replace(p, target)
         except OSError as e:

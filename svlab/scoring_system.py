@@ -22,7 +22,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,16 +66,23 @@ class ScoringOptions:
         return self.backend == "cosine" and self.score_norm == "none" and not self.center
 
     @property
+    def lda_dim(self) -> int:
+        """The LDA dimension the PLDA back-end reduces to (0: none, or no PLDA)."""
+        return self.plda_lda_dim if self.backend == "plda" else 0
+
+    @property
     def suffix(self) -> str:
-        """Folder suffix: '' for plain cosine, else e.g. '_plda_center_asnorm_cal'."""
-        parts = (["plda"] if self.backend == "plda" else []) + (["center"] if self.center else []) \
+        """Folder suffix: '' for plain cosine, else e.g. '_plda_center_asnorm_cal' ('_plda_lda128' with LDA:
+        systems that score differently never share a folder)."""
+        parts = (["plda"] if self.backend == "plda" else []) + ([f"lda{self.lda_dim}"] if self.lda_dim else []) \
+            + (["center"] if self.center else []) \
             + (["asnorm"] if self.score_norm == "asnorm" else []) + (["cal"] if self.calibrate else [])
         return "".join(f"_{p}" for p in parts)
 
     @property
     def label(self) -> str:
         """System name, e.g. 'cosine', 'plda+asnorm+calibrated'."""
-        parts = [self.backend] + (["center"] if self.center else []) \
+        parts = [self.backend + (f"(lda {self.lda_dim})" if self.lda_dim else "")] + (["center"] if self.center else []) \
             + (["asnorm"] if self.score_norm == "asnorm" else []) + (["calibrated"] if self.calibrate else [])
         return "+".join(parts)
 
@@ -114,8 +121,9 @@ def scoring_options(cfg: dict, backend=None, score_norm=None, asnorm_top_n=None,
 def options_of_evaluation(m: dict) -> ScoringOptions:
     """The options a finished evaluation used, from its ``metrics.json`` (keys it does not record,
     which do not change how its saved back-end scores, come from the shipped ``config.yaml``)."""
-    return scoring_options(load_config(), backend=m.get("scorer"), score_norm=m.get("score_norm"),
+    opts = scoring_options(load_config(), backend=m.get("scorer"), score_norm=m.get("score_norm"),
                            asnorm_top_n=m.get("asnorm_top_n"), center=m.get("center"), calibrate=m.get("calibrated"))
+    return replace(opts, plda_lda_dim=int(m.get("plda_lda_dim") or 0))
 
 
 # --------------------------------------------------------------------------------------------------

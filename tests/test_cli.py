@@ -27,7 +27,8 @@ from conftest import PROJECT
 from svlab import cli, student_kit
 
 # the list: what a user does outside the lab's own train.py / EER.py
-SUBCOMMANDS = {"embed", "similarity", "verify", "export", "prepare", "report", "bench", "student-kit"}
+SUBCOMMANDS = {"embed", "similarity", "verify", "export", "prepare", "report", "bench", "channel-probe",
+               "student-kit"}
 
 
 def one_line(text: str) -> str:

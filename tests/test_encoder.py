@@ -83,6 +83,22 @@ def test_embed_files_arrays_and_batches_like_the_lab_commands(run):
         assert float(e @ one / np.linalg.norm(e) / np.linalg.norm(one)) > 0.98
 
 
+def test_a_long_list_is_embedded_a_chunk_at_a_time_with_the_same_result(run, monkeypatch, tmp_path):
+    enc, wavs = run["enc"], run["wavs"][:7]
+    whole = enc.embed(wavs)
+    held = []
+    real_model = enc._model
+    monkeypatch.setattr(enc, "_model", lambda feats, bs: held.append(len(feats)) or real_model(feats, bs))
+    monkeypatch.setattr(encoder, "EMBED_CHUNK", 3)
+    np.testing.assert_allclose(enc.embed(wavs), whole, atol=1e-6)
+    assert held == [3, 3, 1]  # never more than a chunk's features at once
+    # an unusable recording in a later chunk is still named, with the others of the list
+    text = tmp_path / "late.wav"
+    text.write_text("not audio")
+    with pytest.raises(DataError, match=r"^2 unusable recording\(s\): .*late\.wav.*late\.wav"):
+        enc.embed([*wavs, text, text])
+
+
 def test_similarity_verify_threshold_and_llr_come_from_the_checkpoints_evaluation(run):
     enc, (a, b) = run["enc"], (run["wavs"][0], run["wavs"][9])
     ea, eb = enc.embed(a), enc.embed(b)

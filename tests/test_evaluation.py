@@ -220,6 +220,14 @@ def test_plda_calibration_backend_reuse_and_retrain(evrun, tmp_path):
     r = EER.evaluate(evrun["cfg"], evrun["ckpt"], log=_silent, backend="plda", center=True, score_norm="asnorm")
     assert Path(r["out_dir"]).name == "eval_001_plda_center_asnorm"
     assert json.loads((Path(r["out_dir"]) / "metrics.json").read_text())["center"] is True
+    # PLDA after LDA scores differently: its own folder, recorded, so the plain PLDA evaluation is kept
+    r_lda = EER.evaluate(cfg_lda, evrun["ckpt"], log=_silent, backend="plda")
+    r_plain = EER.evaluate(evrun["cfg"], evrun["ckpt"], log=_silent, backend="plda")
+    assert (Path(r_lda["out_dir"]).name, Path(r_plain["out_dir"]).name) == ("eval_001_plda_lda4", "eval_001_plda")
+    m_lda = json.loads((Path(r_lda["out_dir"]) / "metrics.json").read_text())
+    assert (m_lda["plda_lda_dim"], m_lda["backend"]) == (4, "plda(lda 4)")
+    from svlab.evaluation import load_system
+    assert load_system(Path(r_lda["out_dir"]) / "metrics.json", evrun["ckpt"])[0].lda_dim == 4
 
 
 def test_eer_main_user_errors(evrun, capsys):

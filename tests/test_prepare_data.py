@@ -450,7 +450,8 @@ def test_config_values_inside_project_are_relative():
 
 
 # --------------------------------------------------------------------------- recipes
-@pytest.mark.parametrize("name", ["demo", "aishell1_lab", "aishell1_full", "speech_commands"])
+@pytest.mark.parametrize("name", ["demo", "aishell1_lab", "aishell1_full", "speech_commands", "speechocean762",
+                                  "new_corpus"])
 def test_recipes_load(name):
     path = config.PROJECT_ROOT / "recipes" / f"{name}.yaml"
     cfg = config.load_config(path)

@@ -14,9 +14,21 @@ With an ``.onnx`` model (``tools/export.py``) only numpy, soundfile, librosa and
 imported, never torch, and no config file is read; torch is imported on the ``.pth`` path only.
 Embeddings are raw (not length-normalised).
 
+On the ``.pth`` path the listed files' features go to an on-disk feature store in ``features.cache_dir``
+(``features.store: true``, the default; ``svlab.feature_store``), written as they are extracted and read one
+file at a time when embedded: memory holds the embeddings, not the features, however long the list; a second
+run over the same files reuses the store (checked, as training's is). ``--set features.store=false`` keeps
+every file's features in RAM instead (no files written); the embeddings are the same.
+
+``--kaldi`` also writes Kaldi's ``xvector.ark`` / ``xvector.scp`` in ``--out``'s folder (keys: the list's
+entries, whitespace as ``_``; ``svlab.kaldi_data.write_xvectors``), for ``ivector-plda-scoring`` or ``kaldiio``
+(that module imports torch, also beside an ``.onnx`` model). The ``.onnx`` and ``--pretrained`` paths compute the
+whole list's features in RAM (``SpeakerEncoder.embed``).
+
 ``--out`` may replace only an earlier output of this command (a float32 ``.npy`` with its
 ``_index.txt`` of as many lines); the list, the checkpoint, the config, a listed audio file or any
-other existing file is refused with one line before any work.
+other existing file is refused with one line before any work (with ``--kaldi``, an existing
+``xvector.ark``/``.scp`` too, unless it sits beside an earlier output of this command).
 """
 from __future__ import annotations
 
@@ -74,6 +86,21 @@ def check_out(out: Path, inputs: list[tuple[str, Path]]) -> None:
                      flag="the index file of --out", command="tools/extract.py", recognised_by=how)
 
 
+def check_kaldi_out(out: Path, inputs: list[tuple[str, Path]], entries: list[str]) -> None:
+    """``--kaldi``: refuse, before any work, entries that would share a Kaldi key and an ``xvector.ark``/``.scp``
+    that is an input or an existing file not beside an earlier output of this command."""
+    from svlab.kaldi_data import XVECTOR_ARK, XVECTOR_SCP, kaldi_key
+    seen: dict[str, str] = {}
+    for e in entries:
+        if seen.setdefault(kaldi_key(e), e) != e:
+            raise DataError(f"--kaldi: {shown(seen[kaldi_key(e)])} and {shown(e)} are both Kaldi key "
+                            f"{shown(kaldi_key(e))} (whitespace becomes '_'); rename one, or leave out --kaldi")
+    for name in (XVECTOR_ARK, XVECTOR_SCP):
+        refuse_overwrite(out.parent / name, inputs=inputs, ours=lambda _: earlier_output(out),
+                         flag=f"--kaldi's {name}", command="tools/extract.py",
+                         recognised_by="beside an earlier --out of this command")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Embed a list of audio files with a trained checkpoint.")
     add_model_arguments(ap)
@@ -84,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--gpu", default=None, help="CUDA device index, or -1 for CPU")
     ap.add_argument("--batch_size", type=int, default=None, help="utterances per batch (default: test.batch_size)")
+    ap.add_argument("--kaldi", action="store_true",
+                    help="also write Kaldi's xvector.ark / xvector.scp in --out's folder, keyed by the list's entries")
     return ap
 
 
@@ -94,7 +123,7 @@ def embed_pth(ckpt: Path, cfg: dict, paths: list[Path], gpu, batch_size: int | N
     from svlab.models import model_from_checkpoint
     state = load_checkpoint(ckpt)
     device = select_device(gpu)
-    feat_cfg = checkpoint_features(cfg, state, cache=False)
+    feat_cfg = checkpoint_features(cfg, state, cache=bool(cfg["features"].get("store")))  # the store, or all in RAM
     model = model_from_checkpoint(state, device)
     return embed_files(model, paths, feat_cfg, batch_size or cfg["test"]["batch_size"], device)[0]
 
@@ -108,12 +137,19 @@ def run(args: argparse.Namespace) -> Path:
               ("the config file", (cfg or {}).get("_config_path"))]
     inputs += [("an audio file of the list", p) for p in paths]
     check_out(out, inputs)                     # before any work
+    if args.kaldi:
+        check_kaldi_out(out, inputs, entries)
     if ckpt is not None and not is_onnx(ckpt):
         emb = embed_pth(ckpt, cfg, paths, args.gpu, args.batch_size)
     else:                                      # onnxruntime (or the pretrained model): no torch, no config
         enc = command_encoder(ckpt, log=say)
         emb = enc.embed(paths, batch_size=args.batch_size or 64)
     check_out(out, inputs)                     # again: embedding may have taken long
+    if args.kaldi:
+        from svlab.kaldi_data import write_xvectors
+        check_kaldi_out(out, inputs, entries)
+        ark, _ = write_xvectors(out.parent, emb, entries, log=say)
+        say(f"Kaldi vectors -> {shown(ark)} (.scp beside it)")
     idx = save_embeddings(out, emb, entries)
     say(f"{len(emb)} embeddings of size {emb.shape[1]} -> {shown(out)} (rows listed in {shown(idx)})")
     return out

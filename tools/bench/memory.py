@@ -1,7 +1,8 @@
 """Memory against corpus size (``python tools/benchmark.py --memory``): ``train.py`` on demo corpora of
 1x, 4x and 16x the demo's training utterances, each trained for one epoch twice (the first run extracts
 the features, the second reads them from the cache or store), with the on-disk store
-(``features.store: true``) and, for comparison, the in-memory path (``features.store: false``).
+(``features.store: true``) and, for comparison, the in-memory path (``features.store: false``); then
+``EER.py`` the same way on test lists of 1x, 4x and 16x the demo's test utterances (``measure_eer_memory``).
 
 The larger corpora repeat the 1x corpus's audio under new speaker names (``x<k>/`` folders of hard
 links, or copies where links are impossible): the same utterance lengths, the same extraction work per
@@ -35,10 +36,10 @@ WRAPPER = ("import resource, subprocess, sys\n"
            "sys.exit(rc)\n")
 
 
-def scaled_corpus(root: Path, manifest: Path, out: Path, factor: int) -> Path:
-    """A training manifest of ``factor`` times the utterances of ``manifest``: copy ``k`` of every
+def scaled_corpus(root: Path, manifest: Path, out: Path, factor: int, name: str = "train") -> Path:
+    """A manifest of ``factor`` times the utterances of ``manifest``: copy ``k`` of every
     file as ``x<k>/<relpath>`` under ``out`` (a hard link), spoken by speaker ``<speaker>x<k>``. Returns
-    the manifest's path (``out/train_<factor>x.txt``); ``out`` is then the corpus root."""
+    the manifest's path (``out/<name>_<factor>x.txt``); ``out`` is then the corpus root."""
     lines = [ln.split(maxsplit=1) for ln in manifest.read_text(encoding="utf-8").splitlines() if ln.strip()]
     rows = []
     for k in range(factor):
@@ -51,33 +52,49 @@ def scaled_corpus(root: Path, manifest: Path, out: Path, factor: int) -> Path:
                 except OSError:
                     shutil.copyfile(root / rel, dst)
             rows.append(f"{spk}x{k} x{k}/{rel}")
-    path = out / f"train_{factor}x.txt"
+    path = out / f"{name}_{factor}x.txt"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
 
 
-def run_train(root: Path, manifest: Path, cache_dir: Path, save_dir: Path, store: bool, threads: int,
-              extra: tuple = ()) -> dict:
-    """One ``train.py --epochs 1``; its peak memory, timings and crops per second."""
-    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-u", str(PROJECT / "train.py"), "--epochs", "1",
-           "--n_folder", f"m{time.monotonic_ns()}", "--gpu", "-1"]
-    sets = {"data.root": root, "data.train_manifest": manifest, "test.root": root, "features.cache_dir": cache_dir,
-            "train.save_dir": save_dir, "features.store": str(store).lower(), "validation.mode": "off"}
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    cmd += list(extra)
+def scaled_trials(trials: Path, out: Path, factor: int, same_count: bool = True) -> Path:
+    """The trial list of ``scaled_corpus(..., factor, "test")``: with ``same_count`` the 1x list's pairs, each
+    between the copies ``x<k>/`` of its two files, ``k`` = the sum of the files' numbers (order of first use)
+    modulo ``factor``: as many trials as at 1x, and every copy's utterances used (a file meets files of every
+    number), so the memory that grows is the test list's alone; else every pair in every copy (``factor`` times
+    the trials). Returns ``out/trials_<factor>x[_all].txt``."""
+    lines = [ln.split() for ln in trials.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if same_count:
+        number: dict[str, int] = {}
+        for a, b, _ in lines:
+            number.setdefault(a, len(number))
+            number.setdefault(b, len(number))
+        rows = [f"x{k}/{a} x{k}/{b} {label}" for a, b, label in lines
+                for k in [(number[a] + number[b]) % factor]]
+    else:
+        rows = [f"x{k}/{a} x{k}/{b} {label}" for k in range(factor) for a, b, label in lines]
+    path = out / f"trials_{factor}x{'' if same_count else '_all'}.txt"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def run_tracked(script: str, args: list, threads: int) -> tuple[str, float, float, float | None]:
+    """Run ``script`` (a file of the project) with ``args`` under ``WRAPPER``: ``(its output, wall seconds,
+    its peak RSS in MiB (VmHWM, polled at each line it prints: the high-water mark only grows), the largest
+    peak RSS among it and the processes it started, MiB)``. A failure raises with the output's end."""
+    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-u", str(PROJECT / script), *map(str, args)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=PROJECT, env=subprocess_env(threads), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     out: list[str] = []
     peak = 0.0
-    train_pid = None
+    pid = None  # the script's process, the wrapper's child
     try:
         for line in proc.stdout:
             out.append(line)
-            if train_pid is None:
-                train_pid = _child_of(proc.pid)
-            hwm = vm_hwm_mb(train_pid) if train_pid else None
+            if pid is None:
+                pid = _child_of(proc.pid)
+            hwm = vm_hwm_mb(pid) if pid else None
             peak = max(peak, hwm or 0.0)
         rc = proc.wait(timeout=SUBPROCESS_TIMEOUT_S)
     finally:
@@ -86,20 +103,51 @@ def run_train(root: Path, manifest: Path, cache_dir: Path, save_dir: Path, store
             proc.wait()
     text = "".join(out)
     if rc != 0:
-        raise RuntimeError(f"train.py exited with {rc}: {text[-1500:]}")
+        raise RuntimeError(f"{script} exited with {rc}: {text[-1500:]}")
+    children_kb = _number(r"CHILDREN_MAXRSS_KB (\d+)", text)
+    return text, time.perf_counter() - t0, peak, children_kb / 1024.0 if children_kb else None
 
-    def number(pattern: str) -> float | None:
-        m = re.search(pattern, text)
-        return float(m.group(1)) if m else None
-    n = number(r"training data: (\d+) utterances")
-    epoch_s = number(r"Train Stage: 1/1 .*\(lr [^,]+, ([0-9.]+)s\)")
-    children_kb = number(r"CHILDREN_MAXRSS_KB (\d+)")
-    return {"utterances": int(n) if n else None, "wall_s": round(time.perf_counter() - t0, 1),
-            "features_s": number(r"features ready in ([0-9.]+)s"), "epoch_s": epoch_s,
+
+def _number(pattern: str, text: str) -> float | None:
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+def run_train(root: Path, manifest: Path, cache_dir: Path, save_dir: Path, store: bool, threads: int,
+              extra: tuple = (), n_folder: str | None = None) -> dict:
+    """One ``train.py --epochs 1``; its peak memory, timings and crops per second."""
+    args = ["--epochs", "1", "--n_folder", n_folder or f"m{time.monotonic_ns()}", "--gpu", "-1"]
+    sets = {"data.root": root, "data.train_manifest": manifest, "test.root": root, "features.cache_dir": cache_dir,
+            "train.save_dir": save_dir, "features.store": str(store).lower(), "validation.mode": "off"}
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    text, wall, peak, child = run_tracked("train.py", args + list(extra), threads)
+    n = _number(r"training data: (\d+) utterances", text)
+    epoch_s = _number(r"Train Stage: 1/1 .*\(lr [^,]+, ([0-9.]+)s\)", text)
+    return {"utterances": int(n) if n else None, "wall_s": round(wall, 1),
+            "features_s": _number(r"features ready in ([0-9.]+)s", text), "epoch_s": epoch_s,
             "crops_per_s": round(n / epoch_s, 1) if n and epoch_s else None,
             "train_peak_rss_mb": round(peak, 1) if peak else None,
-            "max_child_rss_mb": round(children_kb / 1024.0, 1) if children_kb else None,
-            "loss": number(r"Loss ([0-9.]+)")}
+            "max_child_rss_mb": round(child, 1) if child else None,
+            "loss": _number(r"Loss ([0-9.]+)", text)}
+
+
+def run_eer(checkpoint: Path, root: Path, manifest: Path, trials: Path, cache_dir: Path, out: Path, store: bool,
+            threads: int, batch_size: int | None = None) -> dict:
+    """One ``EER.py`` of ``checkpoint`` on the test list ``manifest`` / ``trials`` under ``root``; its peak memory,
+    the utterances embedded, the trials, the seconds of embedding (feature extraction or the store's check
+    included) and scoring, and the EER."""
+    args = ["--checkpoint", checkpoint, "--out", out, "--gpu", "-1"]
+    sets = {"test.root": root, "test.test_manifest": manifest, "test.trials": trials, "features.cache_dir": cache_dir,
+            "features.store": str(store).lower(), **({"test.batch_size": batch_size} if batch_size else {})}
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    text, wall, peak, child = run_tracked("EER.py", args, threads)
+    m = json.loads((Path(out) / "metrics.json").read_text(encoding="utf-8"))
+    return {"utterances": m.get("n_utterances"), "trials": (m.get("n_target") or 0) + (m.get("n_nontarget") or 0),
+            "wall_s": round(wall, 1), "embed_s": m.get("embed_seconds"), "score_s": m.get("score_seconds"),
+            "eer_peak_rss_mb": round(peak, 1) if peak else None,
+            "max_child_rss_mb": round(child, 1) if child else None, "eer": m.get("eer")}
 
 
 def _child_of(pid: int) -> int | None:
@@ -240,14 +288,84 @@ def measure_memory(root: Path, manifest: Path, workdir: Path, scales=(1, 4, 16),
     return result
 
 
+def measure_eer_memory(root: Path, train_manifest: Path, test_manifest: Path, trials: Path, workdir: Path,
+                       scales=(1, 4, 16), in_memory_scales=(1, 4), threads: int = 1, log=print) -> dict:
+    """``EER.py``'s side: a checkpoint of ``MODEL`` trained one epoch on the 1x training corpus, then ``EER.py`` on
+    test lists of each scale (``scaled_corpus(..., "test")``, the 1x trial count: ``scaled_trials``), a first run
+    (extracting into the test list's store) and a cached run (reading it), with the store and, at
+    ``in_memory_scales``, in RAM; and the largest scale's cached run with every copy's trials (``factor`` x the
+    trials), to show what trials cost. At 1x nearly every length has one utterance, at 16x sixteen, embedded
+    together (up to ``test.batch_size``): the 1x and largest scale's cached runs once more with
+    ``test.batch_size=1`` separate the batches' size from the test list's. Ratios: peak RSS at each scale over
+    1x, with the store."""
+    corpus = workdir / "corpus"
+    result: dict = {"eer_scales": list(scales), "eer_runs": {}}
+    m1 = scaled_corpus(root, train_manifest, corpus, 1)
+    train_cache = workdir / "cache_1x_store"  # measure_memory's 1x store, when it ran: no second extraction
+    log("[memory] EER.py: training the checkpoint (1 epoch, 1x corpus) ...")
+    shutil.rmtree(workdir / "eer_model", ignore_errors=True)  # a kept workdir's earlier one (--keep)
+    run_train(corpus, m1, train_cache, workdir / "eer_model", True, threads, MODEL, n_folder="eer")
+    ckpt = workdir / "eer_model" / "eer" / "checkpoint_001.pth"
+    runs = result["eer_runs"]
+
+    def cache(factor, store):
+        return workdir / f"eer_cache_{factor}x_{'store' if store else 'ram'}"
+    for factor in scales:
+        manifest = scaled_corpus(root, test_manifest, corpus, factor, "test")
+        same = scaled_trials(trials, corpus, factor)
+        for store in (True, False):
+            if not store and factor not in in_memory_scales:
+                continue
+            for run in ("first", "cached"):
+                name = f"{factor}x_{'store' if store else 'ram'}_{run}"
+                log(f"[memory] EER.py {name} ...")
+                r = run_eer(ckpt, corpus, manifest, same, cache(factor, store), workdir / "eer_out" / name, store,
+                            threads)
+                if store and run == "first":
+                    r["store_bytes"] = disk_bytes(cache(factor, store))
+                runs[name] = r
+                log(f"[memory] EER.py {name}: {json.dumps(r)}")
+        extra = {}
+        if factor in (1, max(scales)):  # one utterance per batch, as at 1x
+            extra[f"{factor}x_store_cached_batch1"] = (same, 1)
+        if factor == max(scales) and factor > 1:  # every copy's trials: factor x as many
+            every = scaled_trials(trials, corpus, factor, same_count=False)
+            extra[f"{factor}x_store_cached_all_trials"] = (every, None)
+        for name, (trial_list, batch_size) in extra.items():
+            log(f"[memory] EER.py {name} ...")
+            runs[name] = run_eer(ckpt, corpus, manifest, trial_list, cache(factor, True), workdir / "eer_out" / name,
+                                 True, threads, batch_size)
+            log(f"[memory] EER.py {name}: {json.dumps(runs[name])}")
+        for store in (True, False):
+            if factor != 1:
+                shutil.rmtree(cache(factor, store), ignore_errors=True)
+        shutil.rmtree(workdir / "eer_out", ignore_errors=True)
+    for factor in scales:
+        for run in ("first", "cached"):
+            a, b = runs.get(f"1x_store_{run}", {}), runs.get(f"{factor}x_store_{run}", {})
+            if a.get("eer_peak_rss_mb") and b.get("eer_peak_rss_mb"):
+                result[f"eer_rss_{factor}x_vs_1x_{run}"] = round(b["eer_peak_rss_mb"] / a["eer_peak_rss_mb"], 3)
+        a, b = runs.get("1x_store_cached_batch1", {}), runs.get(f"{factor}x_store_cached_batch1", {})
+        if factor > 1 and a.get("eer_peak_rss_mb") and b.get("eer_peak_rss_mb"):
+            result[f"eer_rss_{factor}x_vs_1x_cached_batch1"] = round(b["eer_peak_rss_mb"] / a["eer_peak_rss_mb"], 3)
+    return result
+
+
 def format_memory(r: dict) -> str:
     rows = [f"{'run':<20} {'utts':>6} {'feat s':>7} {'epoch s':>8} {'crops/s':>8} {'train.py MB':>12} "
             f"{'max child MB':>13}"]
-    for name, x in r["runs"].items():
+    for name, x in r.get("runs", {}).items():
         rows.append(f"{name:<20} {x.get('utterances') or '-':>6} {x.get('features_s') or '-':>7} "
                     f"{x.get('epoch_s') or '-':>8} {x.get('crops_per_s') or '-':>8} "
                     f"{x.get('train_peak_rss_mb') or '-':>12} {x.get('max_child_rss_mb') or '-':>13}")
-    rows += [f"{k}: {v}" for k, v in r.items() if k not in ("runs", "scales", "errors")]
+    if r.get("eer_runs"):
+        rows += ["", f"{'EER.py run':<30} {'utts':>6} {'trials':>8} {'embed s':>8} {'score s':>8} {'EER.py MB':>10} "
+                     f"{'max child MB':>13}"]
+        for name, x in r["eer_runs"].items():
+            rows.append(f"{name:<30} {x.get('utterances') or '-':>6} {x.get('trials') or '-':>8} "
+                        f"{x.get('embed_s') or '-':>8} {x.get('score_s') or '-':>8} "
+                        f"{x.get('eer_peak_rss_mb') or '-':>10} {x.get('max_child_rss_mb') or '-':>13}")
+    rows += [f"{k}: {v}" for k, v in r.items() if k not in ("runs", "scales", "errors", "eer_runs", "eer_scales")]
     return "\n".join(rows)
 
 
@@ -265,13 +383,21 @@ def run_mode(args, workdir: Path) -> dict:
     r = {"mode": "memory", "device": "cpu", "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
          "threads": torch.get_num_threads(), "torch_version": torch.__version__, "loadavg_start": loadavg(),
          "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": {}}
+    files, small = base / "files", [s for s in scales if s <= 4]
+
+    def log(m):
+        print(m, file=sys.stderr, flush=True)
     try:
-        r.update(measure_memory(base, base / "files" / "split_train_set.txt", workdir, scales,
-                                [s for s in scales if s <= 4], torch.get_num_threads(),
-                                log=lambda m: print(m, file=sys.stderr, flush=True)))
+        r.update(measure_memory(base, files / "split_train_set.txt", workdir, scales, small, torch.get_num_threads(),
+                                log=log))
     except Exception as e:  # the runs done so far are printed with the error
         r["errors"]["memory"] = f"{type(e).__name__}: {str(e)[-800:]}"
+    try:  # EER.py on test lists of the same scales
+        r.update(measure_eer_memory(base, files / "split_train_set.txt", files / "test_set.txt", files / "trials.txt",
+                                    workdir, scales, small, torch.get_num_threads(), log=log))
+    except Exception as e:
+        r["errors"]["eer_memory"] = f"{type(e).__name__}: {str(e)[-800:]}"
     r["loadavg_end"] = loadavg()
-    if "runs" in r:
+    if "runs" in r or "eer_runs" in r:
         print(format_memory(r))
     return r

@@ -106,7 +106,8 @@ def test_unknown_variant_is_an_error(tmp_path, capsys):
     assert "no variant(s) ['b']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["speech_commands_ablation", "speechocean762_ablation", "demo_table",
+@pytest.mark.parametrize("name", ["speech_commands_ablation", "speechocean762_ablation",
+                                  "speech_commands_new_corpus", "demo_table",
                                   "precision_demo", "precision_speech_commands"])
 def test_shipped_tables_are_valid_and_every_cell_config_loads(name):
     spec = experiments.read_table(config.PROJECT_ROOT / "recipes" / f"{name}.yaml")

@@ -283,4 +283,4 @@ def test_a_trained_checkpoint_rebuilds_the_network_with_no_flags(name, pooling, 
         shipped = make_config(tmp_path / "eval")
         out = EER.evaluate(shipped, result["final_checkpoint"], out_dir=tmp_path / "eval_out", log=quiet)
         assert 0.0 <= out["eer"] <= 1.0
-        assert any(p.name.startswith("fbank_") for p in (tmp_path / "eval" / "cache").iterdir())
+        assert any(p.name.startswith("store_fbank_") for p in (tmp_path / "eval" / "cache").iterdir())  # the test store

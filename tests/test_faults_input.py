@@ -454,7 +454,10 @@ def slow(job):
 
 # A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT ignored, and
 # Python then leaves it ignored: the child gets Ctrl-C back, as in a terminal.
-RESTORE_CTRL_C = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+# The child starts with default Ctrl-C and SIGHUP handling whatever the suite was started with: under nohup
+# SIGHUP arrives ignored, and svlab.process_pool rightly leaves an ignored SIGHUP ignored.
+RESTORE_CTRL_C = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                  "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n")
 
 
 def _start(tmp_path: Path, body: str) -> tuple[subprocess.Popen, Path]:

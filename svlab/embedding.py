@@ -17,7 +17,7 @@ from svlab.cpu_runtime import warm_up_vector_math
 from svlab.errors import DataError
 from svlab.embedding_files import cli_path, index_path, save_embeddings  # noqa: F401 (torch-free; used here and re-exported)
 from svlab.feature_cache import TEST_AUDIO_FIX, load_features, load_stored_features, training_store_corpus, uses_store
-from svlab.features import LEGACY_FEATURE_DEFAULTS, equal_length_batches, feature_signature
+from svlab.features import BATCH_FRAMES, LEGACY_FEATURE_DEFAULTS, equal_length_batches, feature_signature
 
 
 def select_device(gpu: str | None) -> torch.device:
@@ -46,15 +46,17 @@ def checkpoint_features(cfg: dict, state: dict, log=print, cache: bool = True) -
 
 @torch.no_grad()
 def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_size: int,
-                   device: torch.device | str = "cpu", desc: str = "embedding") -> np.ndarray:
+                   device: torch.device | str = "cpu", desc: str = "embedding",
+                   max_frames: int = BATCH_FRAMES) -> np.ndarray:
     """Embeddings ``(n, embedding_size)`` float32 of whole-utterance features ``(n_mfcc, frames)``: arrays,
-    or ``svlab.feature_store.FeatureRef``s, which are read a batch at a time (memory: the embeddings)."""
+    or ``svlab.feature_store.FeatureRef``s, which are read a batch at a time (memory: the embeddings and one
+    batch of at most ``batch_size`` utterances and ``max_frames`` frames)."""
     from tqdm import tqdm
     warm_up_vector_math()  # exact float math in the model's first multi-threaded calls
     device = torch.device(device)
     out = None
     # longest first, as dataset.SpkTestDataset batches: later batches reuse the memory of earlier, longer ones
-    batches = equal_length_batches([f.shape[1] for f in features], batch_size)[::-1]
+    batches = equal_length_batches([f.shape[1] for f in features], batch_size, max_frames)[::-1]
     for idx in tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=None):
         x = torch.stack([torch.from_numpy(np.ascontiguousarray(features[i])) for i in idx]).to(device)
         e = model(x).float().cpu().numpy()
@@ -66,7 +68,7 @@ def embed_features(model: torch.nn.Module, features: list[np.ndarray], batch_siz
     return out
 
 
-def features_to_embed(paths: list[Path], feat_cfg: dict, policy: str = "error", log=print, desc: str = "MFCC",
+def features_to_embed(paths: list[Path], feat_cfg: dict, policy: str = "error", log=print, desc: str = "features",
                       fix: str | None = None, store_corpus: tuple[list[Path], list[str]] | None = None
                       ) -> tuple[list, list[int], list[str]]:
     """``(features, kept indices, problems)`` of audio files to embed, as ``load_features`` gives them.
@@ -89,13 +91,13 @@ def manifest_features(utts: list, root: Path, feat_cfg: dict, log=print) -> tupl
     is an error ending with ``TEST_AUDIO_FIX``): from the test list's own on-disk store, keyed like
     training's (``training_store_corpus``), or in RAM with ``features.store: false`` (``features_to_embed``)."""
     paths, keys = training_store_corpus(utts, root)
-    feats, kept, _ = features_to_embed(paths, feat_cfg, "error", log, "test MFCC", TEST_AUDIO_FIX, (paths, keys))
+    feats, kept, _ = features_to_embed(paths, feat_cfg, "error", log, "test features", TEST_AUDIO_FIX, (paths, keys))
     return feats, kept
 
 
 def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch_size: int = 64,
                 device: torch.device | str = "cpu", policy: str = "error", log=print,
-                desc: str = "MFCC", fix: str | None = None,
+                desc: str = "features", fix: str | None = None,
                 store_corpus: tuple[list[Path], list[str]] | None = None) -> tuple[np.ndarray, list[int], list[str]]:
     """Embed audio files: ``(embeddings of the usable files, their indices in paths, problems)``.
 

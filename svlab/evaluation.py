@@ -275,7 +275,7 @@ def training_embedder(model, feat_cfg: dict, batch_size: int, device, log=print)
         if model is None:
             return mfcc_stats_embeddings(paths, feat_cfg), list(range(len(paths)))
         e, kept, problems = embed_files(model, paths, feat_cfg, batch_size, device, policy=policy, log=log,
-                                        desc="train MFCC", fix=TRAINING_AUDIO_FIX, store_corpus=store_corpus)
+                                        desc="train features", fix=TRAINING_AUDIO_FIX, store_corpus=store_corpus)
         if problems:
             log(f"note: {len(problems)} unusable training file(s) left out of the back-end (data.bad_audio: skip)")
         return e, kept

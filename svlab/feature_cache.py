@@ -111,7 +111,7 @@ def _extract_one(args) -> tuple[np.ndarray | None, str | None, tuple[int, int]]:
         return None, f"{printable(path)}: feature extraction failed ({type(e).__name__}: {one_line(e, 120)})", (0, 0)
 
 
-def _extract_all(paths: list[Path], feat_cfg: dict, workers: int | None = None, desc: str = "MFCC"):
+def _extract_all(paths: list[Path], feat_cfg: dict, workers: int | None = None, desc: str = "features"):
     """``(features or None per path, problems, (original rate, channels) per path)``."""
     if paths:
         check_settings(feat_cfg)
@@ -124,7 +124,7 @@ def _extract_all(paths: list[Path], feat_cfg: dict, workers: int | None = None, 
 
 
 def extract_features(paths: list[Path], feat_cfg: dict, workers: int | None = None,
-                     desc: str = "MFCC") -> tuple[list[np.ndarray | None], list[str]]:
+                     desc: str = "features") -> tuple[list[np.ndarray | None], list[str]]:
     """Features for every path (None where the audio is bad) and the list of problems found.
 
     With ``workers > 1`` (default: up to 8 processes) and 64 files or more, files are read in a
@@ -153,7 +153,7 @@ def _cache_file(paths: list[Path], feat_cfg: dict, cache_dir: Path) -> Path:
 
 
 def load_features(paths: list[Path], feat_cfg: dict, policy: str = "error",
-                  log=print, desc: str = "MFCC", workers: int | None = None, fix: str | None = None
+                  log=print, desc: str = "features", workers: int | None = None, fix: str | None = None
                   ) -> tuple[list[np.ndarray], list[int], list[str]]:
     """Cached features for ``paths``.
 
@@ -235,7 +235,7 @@ def _store_signature(feat_cfg: dict) -> dict:
             "max_seconds": feat_cfg.get("max_seconds")}
 
 
-def clean_store(paths: list[Path], keys: list[str], feat_cfg: dict, log=print, desc: str = "MFCC",
+def clean_store(paths: list[Path], keys: list[str], feat_cfg: dict, log=print, desc: str = "features",
                 workers: int | None = None, share: tuple[int, int] = (0, 1)) -> feature_store.Store:
     """The store of the clean features of ``paths`` (Kaldi keys ``keys``), this process's ``share`` of its
     missing shards extracted (all of them by default)."""
@@ -263,7 +263,7 @@ def _stored_features(paths, keys, feat_cfg, policy, log, desc, workers, fix, sha
 
 
 def load_stored_features(paths: list[Path], corpus: tuple[list[Path], list[str]], feat_cfg: dict, policy: str = "error",
-                         log=print, desc: str = "MFCC", fix: str | None = None) -> tuple[list, list[int], list[str]]:
+                         log=print, desc: str = "features", fix: str | None = None) -> tuple[list, list[int], list[str]]:
     """``load_features``'s ``(features, kept, problems)`` for ``paths`` (some or all of the store's
     ``corpus = (paths, keys)``, e.g. training's list: ``load_training_items``), as ``FeatureRef``s from that
     corpus's clean store, built or completed as training does; the features are read when used, not here."""
@@ -397,7 +397,7 @@ def _aug_cache_file(paths: list[Path], feat_cfg: dict, aug: dict, kept: list[int
 
 
 def load_training_features(paths: list[Path], speakers: list[str], feat_cfg: dict, aug_cfg: dict | None,
-                           policy: str = "error", log=print, desc: str = "MFCC",
+                           policy: str = "error", log=print, desc: str = "features",
                            workers: int | None = None, fix: str | None = None, keys: list[str] | None = None,
                            share: tuple[int, int] | None = None) -> TrainingFeatures | None:
     """Clean features (``load_features``, its own cache unchanged) plus the offline augmented copies.
@@ -556,7 +556,7 @@ def load_training_items(opts: dict, log=print) -> TrainingItems:
     keys = _store_keys(utts)
     if augmentation_active(aug):
         tf = load_training_features(paths, [u.speaker for u in utts], opts["features"], aug,
-                                    policy=policy, log=log, desc="train MFCC", fix=TRAINING_AUDIO_FIX, keys=keys)
+                                    policy=policy, log=log, desc="train features", fix=TRAINING_AUDIO_FIX, keys=keys)
         utterances = [utts[i] if f == 1.0 else Utterance(speed_speaker(utts[i].speaker, f), utts[i].relpath,
                                                          utts[i].line) for i, f in tf.items]
         items = TrainingItems(utterances, tf.versions, [f for _, f in tf.items], tf.problems,
@@ -566,7 +566,7 @@ def load_training_items(opts: dict, log=print) -> TrainingItems:
                if new_speaker_factors(aug) else "")
             + (", SpecAugment on crops" if aug["spec_augment"] else ""))
     else:
-        tf = load_training_features(paths, [], opts["features"], None, policy=policy, log=log, desc="train MFCC",
+        tf = load_training_features(paths, [], opts["features"], None, policy=policy, log=log, desc="train features",
                                     fix=TRAINING_AUDIO_FIX, keys=keys)
         feats, kept, skipped = [v[0] for v in tf.versions], tf.kept, tf.problems
         items = TrainingItems([utts[i] for i in kept], [[f] for f in feats], None, skipped,
@@ -589,9 +589,9 @@ def extract_training_share(opts: dict, rank: int, world_size: int, barrier, log=
     utts = check_training_data(opts)
     keys = _store_keys(utts)
     paths, speakers = [root / u.relpath for u in utts], [u.speaker for u in utts]
-    clean_store(paths, keys, opts["features"], log, "train MFCC", share=(rank, world_size))
+    clean_store(paths, keys, opts["features"], log, "train features", share=(rank, world_size))
     barrier()
     if augmentation_active(opts.get("augment")):
         load_training_features(paths, speakers, opts["features"], opts.get("augment"), policy=opts["data"]["bad_audio"],
-                               log=log, desc="train MFCC", fix=TRAINING_AUDIO_FIX, keys=keys, share=(rank, world_size))
+                               log=log, desc="train features", fix=TRAINING_AUDIO_FIX, keys=keys, share=(rank, world_size))
         barrier()

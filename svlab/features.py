@@ -132,9 +132,21 @@ def repeat_to(feat: np.ndarray, frames: int) -> np.ndarray:
     return np.tile(feat, (1, reps))
 
 
-def equal_length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by identical length (batched embedding without padding is exact)."""
+# Frames one embedding batch holds at most (with test.batch_size utterances at most): the batch's activations,
+# and so the peak memory of embedding, are bounded by this however many equal-length utterances a test list
+# has; on a CPU such batches also embed faster than fuller ones (the activations stay in cache). Measured in
+# docs/large_corpora.md.
+BATCH_FRAMES = 3000
+
+
+def equal_length_batches(lengths: list[int], batch_size: int, max_frames: int = BATCH_FRAMES) -> list[list[int]]:
+    """Indices grouped by identical length (batched embedding without padding is exact), shortest first: at
+    most ``batch_size`` utterances and ``max_frames`` frames a batch (an utterance longer than that alone)."""
     by_len: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_len.setdefault(int(n), []).append(i)
-    return [idx[j:j + batch_size] for _, idx in sorted(by_len.items()) for j in range(0, len(idx), batch_size)]
+    batches = []
+    for n, idx in sorted(by_len.items()):
+        size = max(1, min(batch_size, max_frames // max(n, 1)))
+        batches += [idx[j:j + size] for j in range(0, len(idx), size)]
+    return batches

@@ -228,7 +228,7 @@ def prepare(cfg: dict, dataset, stored: dict | None = None, is_main: bool = True
     speaker_of = {u.relpath: u.speaker for u in usable}
     root, audio_of = config_path_value(cfg, "data.root"), {u.relpath: u for u in usable}
     paths = [audio_of[r].path(root) if r in audio_of else root / r for r in relpaths]  # Kaldi ids: their audio
-    feats, kept, _ = load_features(paths, cfg["features"], policy="skip", log=log, desc="validation MFCC")
+    feats, kept, _ = load_features(paths, cfg["features"], policy="skip", log=log, desc="validation features")
     names = [speaker_of.get(relpaths[i], "?") for i in kept]
     return _validator(cfg, state, feats, names, log)
 
@@ -272,7 +272,7 @@ def _given_list(cfg: dict, state: dict | None, log) -> Validator:
         pick = np.sort(np.random.default_rng(v["seed"]).choice(len(trials), size=v["max_trials"], replace=False))
         trials = [trials[i] for i in pick]
     feats, kept, _ = load_features([audio_of[r].path(root) for r in needed], cfg["features"], policy="error", log=log,
-                                   desc="validation MFCC")
+                                   desc="validation features")
     index = {needed[i]: j for j, i in enumerate(kept)}
     a = np.array([index[t.enroll] for t in trials], dtype=np.int64)
     b = np.array([index[t.test] for t in trials], dtype=np.int64)

@@ -245,6 +245,16 @@ def test_equal_length_batches_group_identical_lengths():
     assert batches == [[1, 4], [0, 2], [3], [5]]  # shortest first, at most 2 per batch, in input order
 
 
+def test_equal_length_batches_hold_at_most_max_frames():
+    lengths = [100] * 7 + [250] * 3 + [1000, 40]
+    batches = features.equal_length_batches(lengths, 64, max_frames=300)
+    assert batches == [[11], [0, 1, 2], [3, 4, 5], [6], [7], [8], [9], [10]]
+    # no batch over the budget unless one utterance is longer than it; every utterance once
+    assert all(len(b) == 1 or sum(lengths[i] for i in b) <= 300 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert features.equal_length_batches([10] * 5, 64, max_frames=10 ** 6) == [[0, 1, 2, 3, 4]]
+
+
 # =========================================================================== datasets
 def test_collate_functions_stack_and_pad():
     x, y = dataset.SpkTrainDataset.collate_fn([(torch.zeros(3, 4), 1), (torch.ones(3, 4), 0)])

@@ -264,3 +264,33 @@ def test_memory_benchmark_test_lists_keep_the_trial_count_and_use_every_copy(tin
     assert {u for a, b, _ in same for u in (a, b)} == set(utts)          # every copy's utterances embedded
     every = scaled_trials(tiny_corpus.trials, tmp_path, 3, same_count=False).read_text().splitlines()
     assert len(every) == 360
+
+
+def test_memory_benchmark_runs_each_scale_first_and_cached_and_takes_ratios_against_1x(tmp_path):
+    """tools/bench/memory.py's loop shared by train.py's and EER.py's measurements: per scale a first and a cached
+    run with the store (and in RAM where asked), the store's size on the first store run, the ratios over 1x."""
+    from bench.memory import cache_folder, drop_caches, first_and_cached, rss_ratios
+    peaks = {"1x_store_first": 100.0, "1x_store_cached": 80.0, "4x_store_first": 112.0, "4x_store_cached": 84.0,
+             "1x_ram_first": 120.0, "1x_ram_cached": 90.0}
+    calls, runs = [], {}
+
+    def cache(factor, store):
+        return cache_folder(tmp_path, "eer_", factor, store)
+
+    def run_one(store, name):
+        calls.append((store, name))
+        cache(int(name.split("x")[0]), store).mkdir(exist_ok=True)
+        (cache(int(name.split("x")[0]), store) / "shard.ark").write_bytes(b"\0" * 10)
+        return {"eer_peak_rss_mb": peaks[name]}
+    for factor in (1, 4):
+        first_and_cached(runs, factor, factor == 1, cache, "EER.py ", run_one, log=lambda *_: None)
+    assert calls == [(True, "1x_store_first"), (True, "1x_store_cached"), (False, "1x_ram_first"),
+                     (False, "1x_ram_cached"), (True, "4x_store_first"), (True, "4x_store_cached")]
+    assert runs["1x_store_first"]["store_bytes"] == 10 and "store_bytes" not in runs["1x_store_cached"]
+    assert "store_bytes" not in runs["1x_ram_first"] and cache(4, True).name == "eer_cache_4x_store"
+    assert rss_ratios(runs, (1, 4), "eer_peak_rss_mb", "eer_rss_") == {
+        "eer_rss_1x_vs_1x_first": 1.0, "eer_rss_1x_vs_1x_cached": 1.0,
+        "eer_rss_4x_vs_1x_first": 1.12, "eer_rss_4x_vs_1x_cached": 1.05}
+    drop_caches(cache, 4)
+    drop_caches(cache, 1)
+    assert not cache(4, True).exists() and cache(1, True).is_dir() and cache(1, False).is_dir()

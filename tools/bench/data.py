@@ -52,7 +52,7 @@ def measure_mfcc(bench) -> None:
     rates, xrt = [], []
     for _ in range(bench.runs):
         t0 = time.perf_counter()
-        feats, problems = extract_features(paths, feat_cfg, workers=1, desc="bench MFCC")
+        feats, problems = extract_features(paths, feat_cfg, workers=1, desc="bench features")
         dt = time.perf_counter() - t0
         if problems:
             raise RuntimeError(f"feature extraction failed: {problems[:3]}")
@@ -67,7 +67,7 @@ def measure_mfcc(bench) -> None:
         rates, xrt = [], []
         for _ in range(bench.runs):
             t0 = time.perf_counter()
-            extract_features(paths, feat_cfg, desc="bench MFCC")
+            extract_features(paths, feat_cfg, desc="bench features")
             dt = time.perf_counter() - t0
             rates.append(len(paths) / dt)
             xrt.append(audio_s / dt)

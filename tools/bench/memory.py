@@ -217,6 +217,44 @@ def train_crops_per_s(cfgs: list[dict], reps: int = 3, steps: int = 20) -> list[
     return out
 
 
+def cache_folder(workdir: Path, prefix: str, factor: int, store: bool) -> Path:
+    """The feature cache / store folder of one scale's runs: ``<prefix>cache_<factor>x_store`` (or ``_ram``)."""
+    return workdir / f"{prefix}cache_{factor}x_{'store' if store else 'ram'}"
+
+
+def first_and_cached(runs: dict, factor: int, in_memory: bool, cache, label: str, run_one, log=print) -> None:
+    """One scale's runs into ``runs``: with the store and (``in_memory``) without, a first run (extracting into
+    ``cache(factor, store)``) and a cached run (reading it), ``run_one(store, name)`` returning each one's
+    figures, named ``<factor>x_<store|ram>_<first|cached>``; the first store run also gets the store's bytes."""
+    for store in (True, False) if in_memory else (True,):
+        for run in ("first", "cached"):
+            name = f"{factor}x_{'store' if store else 'ram'}_{run}"
+            log(f"[memory] {label}{name} ...")
+            r = run_one(store, name)
+            if store and run == "first":
+                r["store_bytes"] = disk_bytes(cache(factor, store))
+            runs[name] = r
+            log(f"[memory] {label}{name}: {json.dumps(r)}")
+
+
+def drop_caches(cache, factor: int) -> None:
+    """A larger scale's caches, once measured (the 1x ones stay: later scales compare with them)."""
+    if factor != 1:
+        for store in (True, False):
+            shutil.rmtree(cache(factor, store), ignore_errors=True)
+
+
+def rss_ratios(runs: dict, scales, field: str, prefix: str, kinds=("first", "cached")) -> dict:
+    """``<prefix><factor>x_vs_1x_<kind>``: the store runs' peak RSS ``field`` at each scale over 1x's."""
+    out = {}
+    for factor in scales:
+        for kind in kinds:
+            a, b = runs.get(f"1x_store_{kind}", {}), runs.get(f"{factor}x_store_{kind}", {})
+            if a.get(field) and b.get(field):
+                out[f"{prefix}{factor}x_vs_1x_{kind}"] = round(b[field] / a[field], 3)
+    return out
+
+
 def measure_memory(root: Path, manifest: Path, workdir: Path, scales=(1, 4, 16), in_memory_scales=(1, 4),
                    threads: int = 1, log=print) -> dict:
     """Every scale with the store (first and cached run) and ``in_memory_scales`` without; the input path's
@@ -233,20 +271,12 @@ def measure_memory(root: Path, manifest: Path, workdir: Path, scales=(1, 4, 16),
     corpus = workdir / "corpus"
 
     def cache(factor, store):
-        return workdir / f"cache_{factor}x_{'store' if store else 'ram'}"
+        return cache_folder(workdir, "", factor, store)
     for factor in scales:
         m = scaled_corpus(root, manifest, corpus, factor)
-        for store in (True, False):
-            if not store and factor not in in_memory_scales:
-                continue
-            for run in ("first", "cached"):
-                name = f"{factor}x_{'store' if store else 'ram'}_{run}"
-                log(f"[memory] {name} ...")
-                r = run_train(corpus, m, cache(factor, store), workdir / "runs", store, threads, MODEL)
-                if store and run == "first":
-                    r["store_bytes"] = disk_bytes(cache(factor, store))
-                result["runs"][name] = r
-                log(f"[memory] {name}: {json.dumps(r)}")
+        first_and_cached(result["runs"], factor, factor in in_memory_scales, cache, "",
+                         lambda store, name: run_train(corpus, m, cache(factor, store), workdir / "runs", store,
+                                                       threads, MODEL), log)
         if cache(1, False).is_dir():  # the input path, the 1x in-memory one and this scale's store, A-B-A-B
             sets = {"data.root": str(corpus), "train.save_dir": str(workdir / "runs"), "validation.mode": "off",
                     **dict(parse_override(kv) for kv in MODEL[1::2])}
@@ -265,19 +295,14 @@ def measure_memory(root: Path, manifest: Path, workdir: Path, scales=(1, 4, 16),
             result["step_crops_per_s"][f"{factor}x_store"] = round(statistics.median(b), 1)
             result["step_crops_per_s"][f"1x_ram_vs_{factor}x"] = round(statistics.median(a), 1)
             log(f"[memory] training steps {factor}x store {b} vs 1x in memory {a} crops/s")
-        for store in (True, False):
-            if factor != 1:
-                shutil.rmtree(cache(factor, store), ignore_errors=True)
+        drop_caches(cache, factor)
         shutil.rmtree(workdir / "runs", ignore_errors=True)
     runs, inp = result["runs"], result["input_crops_per_s"]
     first = runs.get("1x_store_first", {})
     if first.get("store_bytes"):
         result["store_mb_per_audio_hour"] = round(first["store_bytes"] / 2**20 / hours, 1)
+    result.update(rss_ratios(runs, scales, "train_peak_rss_mb", "rss_"))
     for factor in scales:
-        for run in ("first", "cached"):
-            a, b = runs.get(f"1x_store_{run}", {}), runs.get(f"{factor}x_store_{run}", {})
-            if a.get("train_peak_rss_mb") and b.get("train_peak_rss_mb"):
-                result[f"rss_{factor}x_vs_1x_{run}"] = round(b["train_peak_rss_mb"] / a["train_peak_rss_mb"], 3)
         ram, b = runs.get("1x_ram_cached", {}), runs.get(f"{factor}x_store_cached", {})
         if ram.get("crops_per_s") and b.get("crops_per_s"):
             result[f"train_crops_{factor}x_store_vs_1x_ram"] = round(b["crops_per_s"] / ram["crops_per_s"], 3)
@@ -309,22 +334,13 @@ def measure_eer_memory(root: Path, train_manifest: Path, test_manifest: Path, tr
     runs = result["eer_runs"]
 
     def cache(factor, store):
-        return workdir / f"eer_cache_{factor}x_{'store' if store else 'ram'}"
+        return cache_folder(workdir, "eer_", factor, store)
     for factor in scales:
         manifest = scaled_corpus(root, test_manifest, corpus, factor, "test")
         same = scaled_trials(trials, corpus, factor)
-        for store in (True, False):
-            if not store and factor not in in_memory_scales:
-                continue
-            for run in ("first", "cached"):
-                name = f"{factor}x_{'store' if store else 'ram'}_{run}"
-                log(f"[memory] EER.py {name} ...")
-                r = run_eer(ckpt, corpus, manifest, same, cache(factor, store), workdir / "eer_out" / name, store,
-                            threads)
-                if store and run == "first":
-                    r["store_bytes"] = disk_bytes(cache(factor, store))
-                runs[name] = r
-                log(f"[memory] EER.py {name}: {json.dumps(r)}")
+        first_and_cached(runs, factor, factor in in_memory_scales, cache, "EER.py ",
+                         lambda store, name: run_eer(ckpt, corpus, manifest, same, cache(factor, store),
+                                                     workdir / "eer_out" / name, store, threads), log)
         extra = {}
         if factor in (1, max(scales)):  # one utterance per batch, as at 1x
             extra[f"{factor}x_store_cached_batch1"] = (same, 1)
@@ -336,18 +352,9 @@ def measure_eer_memory(root: Path, train_manifest: Path, test_manifest: Path, tr
             runs[name] = run_eer(ckpt, corpus, manifest, trial_list, cache(factor, True), workdir / "eer_out" / name,
                                  True, threads, batch_size)
             log(f"[memory] EER.py {name}: {json.dumps(runs[name])}")
-        for store in (True, False):
-            if factor != 1:
-                shutil.rmtree(cache(factor, store), ignore_errors=True)
+        drop_caches(cache, factor)
         shutil.rmtree(workdir / "eer_out", ignore_errors=True)
-    for factor in scales:
-        for run in ("first", "cached"):
-            a, b = runs.get(f"1x_store_{run}", {}), runs.get(f"{factor}x_store_{run}", {})
-            if a.get("eer_peak_rss_mb") and b.get("eer_peak_rss_mb"):
-                result[f"eer_rss_{factor}x_vs_1x_{run}"] = round(b["eer_peak_rss_mb"] / a["eer_peak_rss_mb"], 3)
-        a, b = runs.get("1x_store_cached_batch1", {}), runs.get(f"{factor}x_store_cached_batch1", {})
-        if factor > 1 and a.get("eer_peak_rss_mb") and b.get("eer_peak_rss_mb"):
-            result[f"eer_rss_{factor}x_vs_1x_cached_batch1"] = round(b["eer_peak_rss_mb"] / a["eer_peak_rss_mb"], 3)
+    result.update(rss_ratios(runs, scales, "eer_peak_rss_mb", "eer_rss_", ("first", "cached", "cached_batch1")))
     return result
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from svlab.config import (PROJECT_ROOT, config_path_value, explicit_keys, flatten, is_foreign_path,
+from svlab.config import (PROJECT_ROOT, config_path_value, explicit_keys, flatten, get_key, is_foreign_path,
                           key_source, validate)
 from svlab.errors import CheckpointError, ConfigError
 from svlab.features import FEATURE_KEYS, LEGACY_FEATURE_DEFAULTS
@@ -211,6 +211,14 @@ class FinetuneSource:
                 "tag": str(self.state.get("tag", "")), "run_folder": str(self.path.resolve().parent)}
 
 
+def run_location_keys(cfg: dict) -> dict:
+    """``{dotted key: value}`` that a command on this run must be given besides its ``--config`` and
+    ``--n_folder`` to find the run folder: a fine-tune's ``train.save_dir`` when it is the source's, not
+    its config's. (``EER.py`` reads every other setting of the run from its checkpoint, but must find
+    the folder first.)"""
+    return {key: get_key(cfg, key) for key in cfg.get("_inherited", ()) if key == "train.save_dir"}
+
+
 def finetune_config(cfg: dict, log=print) -> tuple[dict, FinetuneSource | None]:
     """``(configuration, source)`` of a fine-tuning run (``train.finetune_from`` set;
     ``(cfg, None)`` otherwise): a second stage that starts from the source's weights, network and loss
@@ -238,9 +246,11 @@ def finetune_config(cfg: dict, log=print) -> tuple[dict, FinetuneSource | None]:
     out = {**copy.deepcopy({k: v for k, v in cfg.items() if not k.startswith("_")}),
            "_config_path": cfg.get("_config_path"), "_sources": dict(cfg.get("_sources", {}))}
     current = flatten({k: v for k, v in cfg.items() if not k.startswith("_")})
+    out["_inherited"] = []  # keys whose value is the source's (run_location_keys)
     for key, v in flatten({k: v for k, v in recorded.items() if isinstance(v, dict)}).items():
         if key in given or key in NOT_INHERITED or key not in current or not _same_kind(v, current[key]):
             continue
+        out["_inherited"].append(key)
         *parents, last = key.split(".")
         section = out
         for part in parents:

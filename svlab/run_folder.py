@@ -35,7 +35,7 @@ import yaml
 from svlab import distributed as dd
 from svlab.checkpoint import (INTERRUPTED, FinetuneSource, describe_mismatch, epoch_checkpoint_path,
                               final_checkpoint_name, list_epoch_checkpoints, load_checkpoint, run_folder,
-                              save_checkpoint)
+                              run_location_keys, save_checkpoint)
 from svlab.config import DEFAULT_CONFIG, PROJECT_ROOT, get_key, public_config
 from svlab.errors import CheckpointError, ConfigError, FileWriteError, LabError, TrainingError
 from svlab.features import feature_signature
@@ -425,6 +425,8 @@ def next_command(script: str, cfg: dict, *flags: str, sections=None) -> str:
     for key in from_cli:
         if key != "train.n_folder" and (sections is None or key in sections or key.split(".")[0] in sections):
             args += ["--set", f"{key}={_scalar(get_key(cfg, key))}"]
+    for key, value in run_location_keys(cfg).items():  # a fine-tune's run folder lies where its source's did
+        args += ["--set", f"{key}={_scalar(value)}"]
     return printable(subprocess.list2cmdline(args) if os.name == "nt" else shlex.join(args))
 
 

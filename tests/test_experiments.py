@@ -12,7 +12,11 @@ import yaml
 import experiments
 from conftest import nest, tiny_overrides
 from svlab import config
+from svlab.checkpoint import load_checkpoint
 from svlab.config import ConfigError
+
+
+LM = "recipes/large_margin_finetune.yaml"
 
 
 def _write(path: Path, data) -> Path:
@@ -27,6 +31,16 @@ def _write(path: Path, data) -> Path:
     ({"recipe": "r.yaml", "variants": {"a": {}}, "seeds": [0, "1"]}, "'seeds' must be a list of integers"),
     ({"recipe": "r.yaml", "variants": {"a": {}}, "seeds_for": {"b": [0]}}, "seeds_for: 'b' must name a variant"),
     ({"recipe": "r.yaml", "variants": {"a": {}}, "score_norm": ["znorm"]}, "none or asnorm"),
+    ({"recipe": "r.yaml", "variants": {"a": {}}, "finetune": {"b": {"from": "a", "recipe": LM}}},
+     "finetune: 'b' must name a variant"),
+    ({"recipe": "r.yaml", "variants": {"a": {}, "b": {}}, "finetune": {"b": {"from": "c", "recipe": LM}}},
+     "'from' must name another variant"),
+    ({"recipe": "r.yaml", "variants": {"a": {}, "b": {}}, "finetune": {"b": {"from": "a"}}},
+     "must be {from: VARIANT, recipe: PATH}"),
+    ({"recipe": "r.yaml", "variants": {"a": {}, "b": {}}, "finetune": {"b": {"from": "a", "recipe": "no/such.yaml"}}},
+     "recipe no/such.yaml not found"),
+    ({"recipe": "r.yaml", "variants": {"a": {}, "b": {}, "c": {}},
+      "finetune": {"b": {"from": "a", "recipe": LM}, "c": {"from": "b", "recipe": LM}}}, "is itself a fine-tune"),
 ])
 def test_bad_tables_are_refused_with_the_reason(tmp_path, table, message):
     with pytest.raises(ConfigError) as e:
@@ -88,6 +102,39 @@ def test_table_end_to_end_on_the_tiny_corpus(tiny_corpus, tmp_path, capsys):
     assert sorted(c["variant"] for c in again["cells"]) == ["base", "stats_nocmn"]
 
 
+def test_a_finetune_variant_trains_its_source_first_then_continues_from_its_last_checkpoint(
+        tiny_corpus, tmp_path, capsys):
+    recipe = _write(tmp_path / "recipe.yaml", nest(tiny_overrides(tiny_corpus, tmp_path, {
+        "train.epochs": 2, "loss.type": "amsoftmax"})))
+    # the second stage's recipe gives only what changes; the data, batch size, ... are the source's
+    second = _write(tmp_path / "second.yaml", {"loss": {"margin": 0.3, "margin_warmup_epochs": 0},
+                                               "train": {"epochs": 1, "lr": 0.0001}})
+    table = _write(tmp_path / "t.yaml", {
+        "recipe": str(recipe), "variants": {"base": {}, "base_lm": {"train.crop_frames": 80}},
+        "finetune": {"base_lm": {"from": "base", "recipe": str(second)}}})
+    out = tmp_path / "f.json"
+    assert experiments.main([str(table), "--json", str(out), "--only", "base_lm"]) == 0
+    printed = capsys.readouterr().out
+    source = (tmp_path / "runs" / "t_base_s0").resolve()
+    assert "(the source of base_lm, base seed 0, is trained first)" in printed
+    assert f"--finetune_from {source / 'checkpoint_002.pth'} --n_folder t_base_lm_s0" in printed
+    result = json.loads(out.read_text(encoding="utf-8"))
+    cell, = result["cells"]
+    assert cell["finetuned_from"] == str(source) and result["rows"][0]["finetune"]["from"] == "base"
+    folder = Path(cell["run_folder"])
+    state = load_checkpoint(folder / "checkpoint_001.pth")   # the second stage's epochs count from 1
+    assert state["finetuned_from"]["checkpoint"] == str(source / "checkpoint_002.pth")
+    assert state["config"]["loss"]["margin"] == 0.3 and state["config"]["train"]["crop_frames"] == 80
+    assert state["config"]["train"]["batchsize"] == 8 and state["config"]["data"]["root"] == str(tiny_corpus.root)
+    m = json.loads((folder / "eval_001" / "metrics.json").read_text(encoding="utf-8"))
+    assert cell["eer"]["none"] == pytest.approx(100 * m["eer"], abs=1e-3)
+    # run again: neither stage is trained again
+    stamps = [p.stat().st_mtime_ns for p in (source / "checkpoint_002.pth", folder / "checkpoint_001.pth")]
+    assert experiments.main([str(table), "--json", str(out), "--only", "base_lm"]) == 0
+    assert "is trained first" not in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in (source / "checkpoint_002.pth", folder / "checkpoint_001.pth")] == stamps
+
+
 def test_a_failing_cell_stops_the_table_with_one_error_line(tiny_corpus, tmp_path, capsys):
     recipe = _write(tmp_path / "recipe.yaml", nest(tiny_overrides(tiny_corpus, tmp_path, {"train.epochs": 1})))
     # the manifest names a missing file: train.py refuses it before any training
@@ -115,3 +162,7 @@ def test_shipped_tables_are_valid_and_every_cell_config_loads(name):
         cell = experiments.commands(spec, variant, seed)  # loads and validates the cell's config
         assert cell["folder"] == f"{spec['prefix']}_{variant}_s{seed}"
         assert cell["cfg"]["train"]["seed"] == seed
+        if variant in spec["finetune"]:  # the second stage starts from its source's last checkpoint
+            source = experiments.commands(spec, spec["finetune"][variant]["from"], seed)
+            start = cell["train"][cell["train"].index("--finetune_from") + 1]
+            assert start == f"saved_model/{source['folder']}/checkpoint_{source['epochs']:03d}.pth"

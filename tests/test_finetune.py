@@ -119,8 +119,9 @@ def test_finetune_never_writes_into_the_source_run(source, make_config):
 
 def test_finetune_inherits_what_is_not_given(source, make_config):
     """Keys the fine-tune's config does not give are the source's (here: its loss type and scale)."""
-    from svlab.checkpoint import finetune_config
+    from svlab.checkpoint import finetune_config, run_location_keys
     from svlab.config import load_config
+    from svlab.run_folder import next_command
     work, src = source
     cfg = load_config(None, {"train.finetune_from": str(src), "train.n_folder": "x", "loss.margin": 0.5})
     out, got = finetune_config(cfg, log=quiet)
@@ -128,6 +129,13 @@ def test_finetune_inherits_what_is_not_given(source, make_config):
     assert out["model"]["channels"] == 32 and out["data"]["train_manifest"] == got.state["config"]["data"][
         "train_manifest"]
     assert out["train"]["save_dir"] == str(work / "runs") and out["train"]["n_folder"] == "x"
+    # the run folder lies in the source's save_dir, which the fine-tune's config does not give: the
+    # command printed to evaluate it must say where (EER.py finds the folder before reading a checkpoint)
+    assert run_location_keys(out) == {"train.save_dir": str(work / "runs")}
+    assert f"--set train.save_dir={work / 'runs'}" in next_command("EER.py", out, "--cp_num", "1")
+    own = load_config(None, {"train.finetune_from": str(src), "train.n_folder": "y",
+                             "train.save_dir": str(work / "runs")})
+    assert run_location_keys(finetune_config(own, log=quiet)[0]) == {}  # given: nothing to add
 
 
 def test_train_cli_flag_sets_the_key(source):

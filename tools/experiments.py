@@ -14,6 +14,9 @@ variants, each a set of config overrides on top of the recipe::
       best: {}
       cmn: {features.mean_norm: true}
       ecapa: {model.name: ecapa}
+      best_lm: {train.crop_frames: 400}
+    finetune:                           # optional: variants that are a second stage of another one
+      best_lm: {from: best, recipe: recipes/large_margin_finetune.yaml}
 
 Every (variant, seed) is exactly two commands, which are printed before they run, so any cell of the
 table can be reproduced on its own::
@@ -21,8 +24,17 @@ table can be reproduced on its own::
     python train.py --config RECIPE --n_folder <prefix>_<variant>_s<seed> --seed <seed> --overwrite --set K=V ...
     python EER.py   --config RECIPE --n_folder <prefix>_<variant>_s<seed> --cp_num <epochs> [--score_norm asnorm] --set K=V ...
 
-(each runs as a process of its own, exactly as printed). The EER of each run is read back from the
-``metrics.json`` that ``EER.py`` wrote, the training time from ``train_log.csv`` (sum of the
+(each runs as a process of its own, exactly as printed). A ``finetune`` variant starts from the last
+checkpoint of its ``from`` variant's run of the same seed (trained first if it is not there yet) and
+gives its own ``recipe`` (the second stage's settings, ``recipes/large_margin_finetune.yaml``); the
+rest comes from the source's run (``train.py --finetune_from``, ``svlab.checkpoint.finetune_config``)::
+
+    python train.py --config FT_RECIPE --finetune_from saved_model/<prefix>_<from>_s<seed>/checkpoint_<epochs>.pth \
+        --n_folder <prefix>_<variant>_s<seed> --seed <seed> --overwrite --set K=V ...
+
+Its training time is the second stage's own; the source's is in the source's row.
+
+The EER of each run is read back from the ``metrics.json`` that ``EER.py`` wrote, the training time from ``train_log.csv`` (sum of the
 epochs' seconds, without feature extraction). A run whose checkpoint of the last epoch already
 exists is not trained again unless ``--retrain`` is given (its evaluation is rerun), so an
 interrupted table continues where it stopped. Cells run seed by seed (every variant's first seed,
@@ -49,7 +61,7 @@ sys.path.insert(0, str(PROJECT))  # the project folder: svlab
 
 import yaml
 
-from svlab.checkpoint import epoch_checkpoint_path, run_folder
+from svlab.checkpoint import epoch_checkpoint_path, finetune_config, run_folder, run_location_keys
 from svlab.config import CHOICES, load_config, resolve_path
 from svlab.errors import ConfigError, LabError
 from svlab.evaluation import evaluation_folder
@@ -74,7 +86,7 @@ def read_table(path: Path) -> dict:
     for key in ("recipe", "variants"):
         if key not in spec:
             raise ConfigError(f"{path}: missing key '{key}' (see tools/experiments.py --help)")
-    allowed = {"recipe", "seeds", "seeds_for", "variants", "score_norm", "prefix"}
+    allowed = {"recipe", "seeds", "seeds_for", "variants", "score_norm", "prefix", "finetune"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
@@ -87,6 +99,7 @@ def read_table(path: Path) -> dict:
     spec.setdefault("seeds_for", {})
     spec.setdefault("score_norm", ["none"])
     spec.setdefault("prefix", Path(path).stem)
+    spec["finetune"] = _read_finetune(spec.get("finetune") or {}, spec["variants"], path)
 
     def int_list(v) -> bool:
         return isinstance(v, list) and v and all(isinstance(s, int) and not isinstance(s, bool) for s in v)
@@ -100,6 +113,29 @@ def read_table(path: Path) -> dict:
             raise ConfigError(f"{path}: score_norm entries must be {' or '.join(CHOICES['test.score_norm'])}, "
                               f"got {norm!r}")
     return spec
+
+
+FINETUNE_KEYS = ("from", "recipe")
+
+
+def _read_finetune(finetune, variants: dict, path: Path) -> dict:
+    """The table's ``finetune`` entries, checked: ``VARIANT: {from: SOURCE_VARIANT, recipe: PATH}``."""
+    if not isinstance(finetune, dict):
+        raise ConfigError(f"{path}: 'finetune' must map variants to {{from: VARIANT, recipe: PATH}}, got {finetune!r}")
+    for name, entry in finetune.items():
+        where = f"{path}: finetune: '{name}'"
+        if name not in variants:
+            raise ConfigError(f"{where} must name a variant of the table")
+        if not isinstance(entry, dict) or sorted(entry) != sorted(FINETUNE_KEYS):
+            raise ConfigError(f"{where} must be {{from: VARIANT, recipe: PATH}}, got {entry!r}")
+        if entry["from"] not in variants or entry["from"] == name:
+            raise ConfigError(f"{where}: 'from' must name another variant of the table, got {entry['from']!r}")
+        if entry["from"] in finetune:
+            raise ConfigError(f"{where}: its source '{entry['from']}' is itself a fine-tune; start from a "
+                              "variant trained from scratch")
+        if not resolve_path(str(entry["recipe"])).is_file():
+            raise ConfigError(f"{where}: recipe {entry['recipe']} not found (a path from the project folder)")
+    return finetune
 
 
 def seeds_of(spec: dict, variant: str) -> list[int]:
@@ -123,18 +159,43 @@ def _set_args(overrides: dict) -> list[str]:
 
 
 def commands(spec: dict, variant: str, seed: int) -> dict:
-    """The ``train.py`` and ``EER.py`` argument lists of one cell, its run folder name and epochs."""
+    """The ``train.py`` and ``EER.py`` argument lists of one cell, its run folder name and epochs.
+
+    A fine-tune's configuration is complete only once its source's checkpoint exists (what its recipe
+    does not give comes from there): until then ``cfg`` and ``epochs`` are its recipe's alone and
+    ``source`` names the source cell to train first."""
     overrides = spec["variants"][variant]
     folder = f"{spec['prefix']}_{variant}_s{seed}"
-    recipe = str(spec["recipe"])
-    train_args = ["--config", recipe, "--n_folder", folder, "--seed", str(seed), "--overwrite"] + _set_args(overrides)
-    cfg = load_config(resolve_path(recipe), {**overrides, "train.n_folder": folder, "train.seed": seed})
+    finetune = spec.get("finetune", {}).get(variant)
+    recipe = str(finetune["recipe"] if finetune else spec["recipe"])
+    start, source = [], None
+    keys = {**overrides, "train.n_folder": folder, "train.seed": seed}
+    if finetune:
+        source = commands(spec, finetune["from"], seed)
+        checkpoint = epoch_checkpoint_path(run_folder(source["cfg"]), source["epochs"])
+        start = ["--finetune_from", _project_relative(checkpoint)]
+        keys["train.finetune_from"] = str(checkpoint)
+    train_args = ["--config", recipe] + start + ["--n_folder", folder, "--seed", str(seed), "--overwrite"] \
+        + _set_args(overrides)
+    cfg = load_config(resolve_path(recipe), keys)
+    if finetune and Path(keys["train.finetune_from"]).is_file():
+        cfg, _ = finetune_config(cfg, log=lambda *_: None)
     epochs = cfg["train"]["epochs"]
     # the variant's overrides go to EER.py too: it refuses a config that contradicts the checkpoint
     eval_args = {norm: ["--config", recipe, "--n_folder", folder, "--cp_num", str(epochs)]
-                 + ([] if norm == "none" else ["--score_norm", norm]) + _set_args(overrides)
+                 + ([] if norm == "none" else ["--score_norm", norm])
+                 + _set_args({**overrides, **run_location_keys(cfg)})
                  for norm in spec["score_norm"]}
-    return {"train": train_args, "eval": eval_args, "folder": folder, "epochs": epochs, "cfg": cfg}
+    return {"train": train_args, "eval": eval_args, "folder": folder, "epochs": epochs, "cfg": cfg,
+            "source": source}
+
+
+def _project_relative(path: Path) -> str:
+    """``path`` as the commands print it: relative to the project folder where it lies inside it."""
+    try:
+        return Path(path).resolve().relative_to(PROJECT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _show(script: str, args: list[str]) -> str:
@@ -151,11 +212,21 @@ def run_command(script: str, args: list[str]) -> int:
 
 
 def run_cell(spec: dict, variant: str, seed: int, retrain: bool = False, log=print) -> dict:
-    """Train (unless already trained) and evaluate one (variant, seed); return its figures."""
+    """Train (unless already trained) and evaluate one (variant, seed); return its figures. A fine-tune's
+    source is trained first where its last checkpoint is missing."""
     c = commands(spec, variant, seed)
+    source = c["source"]
+    if source is not None and not epoch_checkpoint_path(run_folder(source["cfg"]), source["epochs"]).is_file():
+        log(f"(the source of {variant}, {spec['finetune'][variant]['from']} seed {seed}, is trained first)")
+        log(f"$ {_show('train.py', source['train'])}")
+        if run_command("train.py", source["train"]) != 0:
+            raise CellFailed(f"training {spec['finetune'][variant]['from']} seed {seed}, the source of {variant}, "
+                             "failed; see the message above")
+        c = commands(spec, variant, seed)  # now complete: the source's settings are known
     folder = run_folder(c["cfg"])
     last = epoch_checkpoint_path(folder, c["epochs"])
     cell = {"variant": variant, "seed": seed, "run_folder": str(folder),
+            **({"finetuned_from": str(run_folder(source["cfg"]))} if source is not None else {}),
             "train_command": _show("train.py", c["train"]),
             "eval_commands": {k: _show("EER.py", v) for k, v in c["eval"].items()}}
     t0 = time.perf_counter()
@@ -194,6 +265,8 @@ def summarize(spec: dict, cells: list[dict]) -> list[dict]:
         mine = sorted(mine, key=lambda c: c["seed"])
         row = {"variant": variant, "overrides": overrides, "seeds": [c["seed"] for c in mine],
                "train_seconds_median": statistics.median(c["train_seconds"] for c in mine), "eer": {}}
+        if variant in spec.get("finetune", {}):
+            row["finetune"] = spec["finetune"][variant]
         for norm in spec["score_norm"]:
             values = [c["eer"][norm] for c in mine]
             row["eer"][norm] = {"median": statistics.median(values), "min": min(values), "max": max(values),
@@ -208,6 +281,8 @@ def markdown(spec: dict, rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (3 + len(norms))]
     for r in rows:
         ov = ", ".join(f"`{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}`" for k, v in r["overrides"].items())
+        if "finetune" in r:
+            ov = f"fine-tune of {r['finetune']['from']} (`{r['finetune']['recipe']}`)" + (f", {ov}" if ov else "")
         cells = [f"**{r['eer'][n]['median']:.2f} %** ({', '.join(f'{v:.2f}' for v in r['eer'][n]['per_seed'])})"
                  for n in norms]
         lines.append(f"| {r['variant']} | {ov or '(recipe)'} | " + " | ".join(cells)

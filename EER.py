@@ -176,7 +176,8 @@ def evaluate(cfg: dict, checkpoint: Path | None, out_dir: Path | None = None, de
             rows = [u.relpath for u in dataset.utterances]
         t_embed = time.perf_counter() - t0
 
-        embed_paths = evaluation.training_embedder(model, feat_cfg, batch_size, device, log)
+        embed_paths = evaluation.training_embedder(model, feat_cfg, batch_size, device, log,
+                                                   max_frames=cfg["test"]["batch_frames"])
         fb, backend_details = fit_or_load_backend(opts, cfg, state, checkpoint, feat_cfg, out_dir, retrain_backend,
                                                   embed_paths, log, save_dir=work.path)
         index = {r: i for i, r in enumerate(rows)}

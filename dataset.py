@@ -133,6 +133,7 @@ class SpkTestDataset(Dataset):
         self.features, kept = manifest_features(utts, self.root, opts["features"], log=log)
         self.utterances = [utts[i] for i in kept]
         self.index = {u.relpath: i for i, u in enumerate(self.utterances)}
+        self.batch_frames = opts["test"]["batch_frames"]  # frames an embedding batch holds at most
 
     def __len__(self) -> int:
         return len(self.features)
@@ -143,7 +144,7 @@ class SpkTestDataset(Dataset):
     def equal_length_batches(self, batch_size: int) -> list[list[int]]:
         # longest first: each batch's tensors then fit in the memory the (longer) batch before freed; shortest
         # first, each needs a little more than was freed and the heap grows with the test list
-        return equal_length_batches([f.shape[1] for f in self.features], batch_size)[::-1]
+        return equal_length_batches([f.shape[1] for f in self.features], batch_size, self.batch_frames)[::-1]
 
     @staticmethod
     def collate_fn(batch):

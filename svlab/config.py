@@ -273,7 +273,7 @@ def validate(cfg: dict) -> None:
                               f"choose one of {', '.join(choices)}")
     positive = ["features.sample_rate", "features.n_mfcc", "features.n_mels", "features.n_fbank", "train.epochs",
                 "train.batchsize", "train.crop_frames", "model.embedding_size", "model.channels",
-                "model.stat_channels", "model.base_channels", "test.batch_size", "train.lr",
+                "model.stat_channels", "model.base_channels", "test.batch_size", "test.batch_frames", "train.lr",
                 "features.store_shard_size"]
     for key in positive:
         if get_key(cfg, key) <= 0:
@@ -336,6 +336,7 @@ LIMITS = {
     "features.sample_rate": 384_000, "features.n_fft": 65_536, "features.n_mels": 1_024,
     "features.win_length_ms": 1_000, "features.hop_length_ms": 1_000, "features.max_seconds": 7_200,
     "train.crop_frames": 30_000, "train.batchsize": 65_536, "test.batch_size": 65_536,
+    "test.batch_frames": 100_000_000,
     "model.embedding_size": 8_192, "model.channels": 8_192, "model.stat_channels": 16_384,
     "model.base_channels": 1_024, "features.n_fbank": 1_024,
     "augment.copies": 100, "validation.max_trials": 10_000_000, "test.bootstrap": 100_000,

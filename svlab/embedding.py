@@ -98,7 +98,8 @@ def manifest_features(utts: list, root: Path, feat_cfg: dict, log=print) -> tupl
 def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch_size: int = 64,
                 device: torch.device | str = "cpu", policy: str = "error", log=print,
                 desc: str = "features", fix: str | None = None,
-                store_corpus: tuple[list[Path], list[str]] | None = None) -> tuple[np.ndarray, list[int], list[str]]:
+                store_corpus: tuple[list[Path], list[str]] | None = None,
+                max_frames: int = BATCH_FRAMES) -> tuple[np.ndarray, list[int], list[str]]:
     """Embed audio files: ``(embeddings of the usable files, their indices in paths, problems)``.
 
     ``policy="error"`` raises one DataError listing every unusable file, ending with ``fix`` (default:
@@ -110,7 +111,7 @@ def embed_files(model: torch.nn.Module, paths: list[Path], feat_cfg: dict, batch
     feats, kept, problems = features_to_embed(paths, feat_cfg, policy, log, desc, fix, store_corpus)
     if not feats:
         raise DataError(f"none of the {len(paths)} audio file(s) could be used: {'; '.join(problems[:5])}")
-    return embed_features(model, feats, batch_size, device), kept, problems
+    return embed_features(model, feats, batch_size, device, max_frames=max_frames), kept, problems
 
 
 def write_embeddings(out: Path, emb: np.ndarray, names: list[str], kaldi_at: Path | None = None, log=print) -> Path:

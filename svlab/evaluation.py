@@ -42,7 +42,7 @@ from svlab.demo_corpus import ensure_demo_corpus
 from svlab.embedding import checkpoint_features, embed_files
 from svlab.errors import BackendError, CheckpointError, DataError, FileWriteError, LabError
 from svlab.feature_cache import TRAINING_AUDIO_FIX
-from svlab.features import mfcc
+from svlab.features import BATCH_FRAMES, mfcc
 from svlab.files import atomic_write
 from svlab.guard import one_line
 from svlab.manifests import Trial, Utterance, overlap_warning, read_manifest, read_trials
@@ -267,7 +267,7 @@ def mfcc_stats_embeddings(paths: list[Path], feat_cfg: dict) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def training_embedder(model, feat_cfg: dict, batch_size: int, device, log=print):
+def training_embedder(model, feat_cfg: dict, batch_size: int, device, log=print, max_frames: int = BATCH_FRAMES):
     """``embed_paths(paths, bad_audio_policy, store_corpus=None) -> (embeddings, indices of the usable paths)``
     for fitting a back-end on training audio: embeddings of ``model`` (features from the training store of
     ``store_corpus`` when ``features.store`` is on: ``embed_files``), or MFCC statistics for the baseline."""
@@ -275,7 +275,8 @@ def training_embedder(model, feat_cfg: dict, batch_size: int, device, log=print)
         if model is None:
             return mfcc_stats_embeddings(paths, feat_cfg), list(range(len(paths)))
         e, kept, problems = embed_files(model, paths, feat_cfg, batch_size, device, policy=policy, log=log,
-                                        desc="train features", fix=TRAINING_AUDIO_FIX, store_corpus=store_corpus)
+                                        desc="train features", fix=TRAINING_AUDIO_FIX, store_corpus=store_corpus,
+                                        max_frames=max_frames)
         if problems:
             log(f"note: {len(problems)} unusable training file(s) left out of the back-end (data.bad_audio: skip)")
         return e, kept

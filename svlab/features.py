@@ -135,7 +135,8 @@ def repeat_to(feat: np.ndarray, frames: int) -> np.ndarray:
 # Frames one embedding batch holds at most (with test.batch_size utterances at most): the batch's activations,
 # and so the peak memory of embedding, are bounded by this however many equal-length utterances a test list
 # has; on a CPU such batches also embed faster than fuller ones (the activations stay in cache). Measured in
-# docs/large_corpora.md.
+# docs/large_corpora.md. The commands take it from test.batch_frames; this is that key's default (the shipped
+# config.yaml's, checked by tests/test_data.py) for library callers without a configuration.
 BATCH_FRAMES = 3000
 
 

@@ -46,6 +46,7 @@ from svlab.config import config_path_value, key_source
 from svlab.embedding import embed_features
 from svlab.errors import CheckpointError, ConfigError, LabError, MetricError
 from svlab.feature_cache import load_features, new_speaker_factors, speed_speaker
+from svlab.features import BATCH_FRAMES
 from svlab.files import atomic_write
 from svlab.manifests import overlapping_speakers, read_manifest, read_trials
 from svlab.scoring import cosine_scores
@@ -113,6 +114,7 @@ class Validator:
     b: np.ndarray | None = None
     labels: np.ndarray | None = None
     batch_size: int = 64
+    batch_frames: int = BATCH_FRAMES
     log: object = print
 
     @property
@@ -128,7 +130,8 @@ class Validator:
         was_training = model.training
         model.eval()
         try:
-            emb = embed_features(model, self.features, self.batch_size, device, desc="validation")
+            emb = embed_features(model, self.features, self.batch_size, device, desc="validation",
+                                 max_frames=self.batch_frames)
         finally:
             model.train(was_training)
         try:
@@ -250,7 +253,7 @@ def _validator(cfg: dict, state: dict | None, feats: list, names: list[str], log
         f"({n_tar} target) scored after every epoch"
         + (f"; the middle {v['max_frames']} frames of the {cropped} longer ones" if cropped else ""))
     return Validator(state=state, features=feats, a=a, b=b, labels=labels, batch_size=cfg["test"]["batch_size"],
-                     log=log)
+                     batch_frames=cfg["test"]["batch_frames"], log=log)
 
 
 def _given_list(cfg: dict, state: dict | None, log) -> Validator:

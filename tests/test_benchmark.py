@@ -170,11 +170,19 @@ def test_layer_gemms_of_the_xvector():
 def test_spreads_bracket_the_medians(quick_result):
     r = quick_result
     for key in ("train_crops_per_s", "reference_crops_per_s", "mfcc_x_realtime", "embed_utts_per_s",
-                "score_trials_per_s", "first_epoch_seconds"):
+                "embed_unbudgeted_utts_per_s", "score_trials_per_s", "first_epoch_seconds"):
         st = r["stats"][key]
         assert st["n"] == len(st["samples"]) >= 1
         assert st["min"] <= st["q1"] <= st["median"] <= st["q3"] <= st["max"]
         assert st["median"] == r[key]
+
+
+def test_embedding_is_timed_with_and_without_the_frame_budget(quick_result):
+    r = quick_result
+    assert r["stats"]["embed_utts_per_s"]["n"] == r["stats"]["embed_unbudgeted_utts_per_s"]["n"]  # interleaved
+    assert r["embed_budget_speedup"] == pytest.approx(r["embed_utts_per_s"] / r["embed_unbudgeted_utts_per_s"])
+    # the budget splits batches, never merges them
+    assert r["embed_utterances"] >= r["embed_batches"] >= r["embed_unbudgeted_batches"] >= 1
 
 
 def test_analytic_flops_match_flop_counter(quick_result):

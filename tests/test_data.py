@@ -255,6 +255,11 @@ def test_equal_length_batches_hold_at_most_max_frames():
     assert features.equal_length_batches([10] * 5, 64, max_frames=10 ** 6) == [[0, 1, 2, 3, 4]]
 
 
+def test_the_library_frame_budget_is_the_shipped_config_default():
+    # BATCH_FRAMES serves library callers without a configuration; the commands read test.batch_frames
+    assert config.load_config()["test"]["batch_frames"] == features.BATCH_FRAMES
+
+
 # =========================================================================== datasets
 def test_collate_functions_stack_and_pad():
     x, y = dataset.SpkTrainDataset.collate_fn([(torch.zeros(3, 4), 1), (torch.ones(3, 4), 0)])

@@ -107,6 +107,22 @@ def test_the_dataset_reads_one_utterance_at_a_time_and_batches_from_the_index(ru
         read.clear()
 
 
+def test_test_batch_frames_bounds_the_embedding_batches_and_changes_no_score(run, tmp_path, monkeypatch):
+    """``test.batch_frames`` (config.yaml) is the frame budget of EER.py's embedding batches; equal-length
+    batches are exact, so a budget of one frame (every utterance alone) gives the same scores."""
+    sizes = []
+    real = dataset.SpkTestDataset.equal_length_batches
+    monkeypatch.setattr(dataset.SpkTestDataset, "equal_length_batches",
+                        lambda self, n: (sizes.append([len(b) for b in real(self, n)]), real(self, n))[1])
+    full = _evaluate(run, tmp_path / "full")
+    assert max(sizes[-1]) > 1  # the default budget batches the tiny test set's equal lengths together
+    alone = _evaluate({**run, "over": {**run["over"], "test.batch_frames": 1}}, tmp_path / "alone")
+    assert set(sizes[-1]) == {1} and len(sizes[-1]) == len(alone["names"])
+    assert alone["names"] == full["names"]
+    np.testing.assert_allclose(alone["emb"], full["emb"], atol=1e-5)
+    np.testing.assert_allclose(alone["scores"], full["scores"], atol=1e-5)
+
+
 def test_store_is_reused_and_a_changed_test_file_is_extracted_again(run, tmp_path, count_extractions):
     first = _test_set(run, tmp_path)
     before = [np.asarray(f).copy() for f in first.features]

@@ -133,8 +133,12 @@ mfcc_cold_nocache_seconds       the first call with an empty numba cache (``NUMB
                                 folder): the one-off cost of the very first run after installing
                                 librosa (one sample; null in --quick)
 embed_utts_per_s                embedding extraction through ``svlab.embedding.embed_features`` on a
-                                ``SpkTestDataset`` of whole 2-4 s utterances (equal-length batches,
-                                i.e. mostly one utterance per forward, exactly as ``EER.py`` does)
+                                ``SpkTestDataset`` of whole 2-4 s utterances (equal-length batches of at
+                                most ``test.batch_frames`` frames, exactly as ``EER.py`` does)
+embed_unbudgeted_utts_per_s     the same without the frame budget (up to ``test.batch_size`` utterances
+                                of one length a batch, however long), timed interleaved with it
+embed_budget_speedup            ``embed_utts_per_s`` / ``embed_unbudgeted_utts_per_s``: what the budget
+                                gains (> 1) or costs (< 1) in speed on this device
 embed_fixed_batch_utts_per_s    the model on one batch of ``test.batch_size`` 3-s (300-frame) inputs:
                                 the speed-up batching could give
 embed_x_realtime                ``embed_utts_per_s`` in seconds of audio per second

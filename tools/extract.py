@@ -125,7 +125,8 @@ def embed_pth(ckpt: Path, cfg: dict, paths: list[Path], gpu, batch_size: int | N
     device = select_device(gpu)
     feat_cfg = checkpoint_features(cfg, state, cache=bool(cfg["features"].get("store")))  # the store, or all in RAM
     model = model_from_checkpoint(state, device)
-    return embed_files(model, paths, feat_cfg, batch_size or cfg["test"]["batch_size"], device)[0]
+    return embed_files(model, paths, feat_cfg, batch_size or cfg["test"]["batch_size"], device,
+                       max_frames=cfg["test"]["batch_frames"])[0]
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -149,7 +149,7 @@ def verify(cfg: dict, checkpoint: Path, enroll: list[Path], test: list[Path], th
     model = model_from_checkpoint(state, device)
     paths = [Path(p) for p in enroll] + [Path(p) for p in test]
     emb, _, _ = embed_files(model, paths, feat_cfg, cfg["test"]["batch_size"], device, policy="error",
-                            log=lambda *a: None, desc="audio")
+                            log=lambda *a: None, desc="audio", max_frames=cfg["test"]["batch_frames"])
     e_emb, t_emb = emb[:len(enroll)], emb[len(enroll):]
     decision = _decision(checkpoint, cfg, state, threshold, eval_dir)
 

@@ -246,11 +246,12 @@ def finetune_config(cfg: dict, log=print) -> tuple[dict, FinetuneSource | None]:
     out = {**copy.deepcopy({k: v for k, v in cfg.items() if not k.startswith("_")}),
            "_config_path": cfg.get("_config_path"), "_sources": dict(cfg.get("_sources", {}))}
     current = flatten({k: v for k, v in cfg.items() if not k.startswith("_")})
-    out["_inherited"] = []  # keys whose value is the source's (run_location_keys)
+    out["_inherited"] = []  # keys whose value is the source's where the config's differs (run_location_keys)
     for key, v in flatten({k: v for k, v in recorded.items() if isinstance(v, dict)}).items():
         if key in given or key in NOT_INHERITED or key not in current or not _same_kind(v, current[key]):
             continue
-        out["_inherited"].append(key)
+        if v != current[key]:
+            out["_inherited"].append(key)
         *parents, last = key.split(".")
         section = out
         for part in parents:

@@ -34,12 +34,13 @@ rest comes from the source's run (``train.py --finetune_from``, ``svlab.checkpoi
 
 Its training time is the second stage's own; the source's is in the source's row.
 
-The EER of each run is read back from the ``metrics.json`` that ``EER.py`` wrote, the training time from ``train_log.csv`` (sum of the
-epochs' seconds, without feature extraction). A run whose checkpoint of the last epoch already
-exists is not trained again unless ``--retrain`` is given (its evaluation is rerun), so an
-interrupted table continues where it stopped. Cells run seed by seed (every variant's first seed,
-then every variant's second, ...), so a partial table already has a value in every row; the JSON is
-rewritten after each cell and merged with what an earlier run of the same table wrote there.
+The EER of each run is read back from the ``metrics.json`` that ``EER.py`` wrote, the training time
+from ``train_log.csv`` (sum of the epochs' seconds, without feature extraction). A run whose
+checkpoint of the last epoch already exists is not trained again unless ``--retrain`` is given (its
+evaluation is rerun), so an interrupted table continues where it stopped. Cells run seed by seed
+(every variant's first seed, then every variant's second, ...), so a partial table already has a
+value in every row; the JSON is rewritten after each cell and merged with what an earlier run of the
+same table wrote there.
 
 Output: per variant the median EER over seeds (and every seed's value, min-max spread), the median
 training seconds, the overrides and the commands; printed as a Markdown table and written to

@@ -26,7 +26,7 @@ from svlab import augment, online_augment
 from svlab.config import config_path_value, key_source
 from svlab.embedding import manifest_features
 from svlab.feature_cache import load_training_items
-from svlab.features import equal_length_batches, repeat_to
+from svlab.features import BATCH_FRAMES, equal_length_batches, repeat_to
 from svlab.manifests import check_root, read_manifest
 
 
@@ -121,6 +121,7 @@ class SpkTestDataset(Dataset):
     test list's on-disk store, read when the item is taken (its ``.shape`` comes from the store's index), or
     an array with ``features.store: false``; the same numbers either way.
     """
+    batch_frames = BATCH_FRAMES  # frames an embedding batch holds at most: test.batch_frames once built
 
     def __init__(self, opts: dict, log=print, relpaths: list[str] | None = None):
         self.root = config_path_value(opts, "test.root")
@@ -133,7 +134,7 @@ class SpkTestDataset(Dataset):
         self.features, kept = manifest_features(utts, self.root, opts["features"], log=log)
         self.utterances = [utts[i] for i in kept]
         self.index = {u.relpath: i for i, u in enumerate(self.utterances)}
-        self.batch_frames = opts["test"]["batch_frames"]  # frames an embedding batch holds at most
+        self.batch_frames = opts["test"]["batch_frames"]
 
     def __len__(self) -> int:
         return len(self.features)

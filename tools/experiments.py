@@ -65,7 +65,7 @@ import yaml
 from svlab.checkpoint import epoch_checkpoint_path, finetune_config, run_folder, run_location_keys
 from svlab.config import CHOICES, load_config, resolve_path
 from svlab.errors import ConfigError, LabError
-from svlab.evaluation import evaluation_folder
+from svlab.evaluation import display_path, evaluation_folder
 from svlab.files import atomic_write, json_with_keys, refuse_overwrite
 from svlab.scoring_system import scoring_options
 from svlab.yaml_files import load_yaml_text
@@ -163,23 +163,23 @@ def commands(spec: dict, variant: str, seed: int) -> dict:
     """The ``train.py`` and ``EER.py`` argument lists of one cell, its run folder name and epochs.
 
     A fine-tune's configuration is complete only once its source's checkpoint exists (what its recipe
-    does not give comes from there): until then ``cfg`` and ``epochs`` are its recipe's alone and
-    ``source`` names the source cell to train first."""
+    does not give comes from there): until then ``cfg`` and ``epochs`` are its recipe's alone;
+    ``source`` is the source cell (train it first) and ``start_from`` the checkpoint it must reach."""
     overrides = spec["variants"][variant]
     folder = f"{spec['prefix']}_{variant}_s{seed}"
     finetune = spec.get("finetune", {}).get(variant)
     recipe = str(finetune["recipe"] if finetune else spec["recipe"])
-    start, source = [], None
+    start, source, start_from = [], None, None
     keys = {**overrides, "train.n_folder": folder, "train.seed": seed}
     if finetune:
         source = commands(spec, finetune["from"], seed)
-        checkpoint = epoch_checkpoint_path(run_folder(source["cfg"]), source["epochs"])
-        start = ["--finetune_from", _project_relative(checkpoint)]
-        keys["train.finetune_from"] = str(checkpoint)
+        start_from = epoch_checkpoint_path(run_folder(source["cfg"]), source["epochs"])
+        start = ["--finetune_from", display_path(start_from)]
+        keys["train.finetune_from"] = str(start_from)
     train_args = ["--config", recipe] + start + ["--n_folder", folder, "--seed", str(seed), "--overwrite"] \
         + _set_args(overrides)
     cfg = load_config(resolve_path(recipe), keys)
-    if finetune and Path(keys["train.finetune_from"]).is_file():
+    if start_from is not None and start_from.is_file():
         cfg, _ = finetune_config(cfg, log=lambda *_: None)
     epochs = cfg["train"]["epochs"]
     # the variant's overrides go to EER.py too: it refuses a config that contradicts the checkpoint
@@ -188,15 +188,7 @@ def commands(spec: dict, variant: str, seed: int) -> dict:
                  + _set_args({**overrides, **run_location_keys(cfg)})
                  for norm in spec["score_norm"]}
     return {"train": train_args, "eval": eval_args, "folder": folder, "epochs": epochs, "cfg": cfg,
-            "source": source}
-
-
-def _project_relative(path: Path) -> str:
-    """``path`` as the commands print it: relative to the project folder where it lies inside it."""
-    try:
-        return Path(path).resolve().relative_to(PROJECT).as_posix()
-    except ValueError:
-        return str(path)
+            "source": source, "start_from": start_from}
 
 
 def _show(script: str, args: list[str]) -> str:
@@ -217,7 +209,7 @@ def run_cell(spec: dict, variant: str, seed: int, retrain: bool = False, log=pri
     source is trained first where its last checkpoint is missing."""
     c = commands(spec, variant, seed)
     source = c["source"]
-    if source is not None and not epoch_checkpoint_path(run_folder(source["cfg"]), source["epochs"]).is_file():
+    if source is not None and not c["start_from"].is_file():
         log(f"(the source of {variant}, {spec['finetune'][variant]['from']} seed {seed}, is trained first)")
         log(f"$ {_show('train.py', source['train'])}")
         if run_command("train.py", source["train"]) != 0:
@@ -227,7 +219,7 @@ def run_cell(spec: dict, variant: str, seed: int, retrain: bool = False, log=pri
     folder = run_folder(c["cfg"])
     last = epoch_checkpoint_path(folder, c["epochs"])
     cell = {"variant": variant, "seed": seed, "run_folder": str(folder),
-            **({"finetuned_from": str(run_folder(source["cfg"]))} if source is not None else {}),
+            **({"finetuned_from": str(c["start_from"].parent)} if source is not None else {}),
             "train_command": _show("train.py", c["train"]),
             "eval_commands": {k: _show("EER.py", v) for k, v in c["eval"].items()}}
     t0 = time.perf_counter()
